@@ -1,0 +1,358 @@
+"""Data: the sentencepiece tokenizer, record formats and importers, tokenisation and batching, seeded splits.
+
+Records are plain dicts: IFA {"prompt", "response"}, HPA {"prompt", "chosen", "rejected"} (HBAT.md §1). The
+importers turn what users have on disk (Alpaca, Anthropic HH-RLHF, Reddit TL;DR and its comparisons, TRL preference
+JSONL; FORMATS.md §1) into these; every prompt template lives in TEMPLATES below. Bad input raises DataError,
+whose message names the file and the line, so train.py can print it as one line.
+
+Tokenised examples are tuples of id lists: IFA (prompt_ids, response_ids), HPA (prompt_ids, chosen_ids,
+rejected_ids); prompt_ids start with bos, every response ends with eos. Batches are right-padded.
+
+The embedded world (HBAT.md §6) and its gold judge live in world.py; they are re-exported here.
+
+Simplified: no parquet and no conversational (list of messages) formats; the tokenizer is plain sentencepiece.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import warnings
+import zlib
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from world import (FAMILIES, World, evaluate, gold_reward, ifa_score, is_styled, make_world,  # noqa: F401
+                   parse_response, rouge_l, style_score, styled, win_rate)
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file and, where there is one, the line."""
+
+
+class DataWarning(UserWarning):
+    """Examples shortened or dropped to fit max_seq_len (reported once per dataset)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+class Tokenizer:
+    """A sentencepiece model with ids that are always valid in tensors.
+
+    LLaMA's tokenizer.model has no pad piece (pad_id -1); we pad with unk (0) there, which keeps pad apart from eos so
+    that a stray pad can never read as the end of an answer. Masks, never pad values, mark the real tokens.
+    """
+
+    def __init__(self, model_proto: bytes, name="tokenizer"):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise DataError(f"{name}: not a sentencepiece model ({e})") from None
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise DataError(f"{name}: the sentencepiece model needs bos and eos pieces")
+        pad, unk = self.sp.pad_id(), self.sp.unk_id()
+        self.pad_id = pad if pad >= 0 else unk if unk >= 0 else self.eos_id
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def load(cls, path):
+        try:
+            proto = Path(path).read_bytes()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read tokenizer: {e.strerror or e}") from None
+        return cls(proto, name=str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        """Text of ids; pads (even a substitute pad such as LLaMA's unk) decode to nothing, as bos and eos do."""
+        return self.sp.decode([i for i in ids if i != self.pad_id])
+
+
+def train_tokenizer(texts, vocab_size=512, cache_dir="~/.cache/hbat", model_type="word"):
+    """Train a sentencepiece model on `texts` (seconds), or reuse the one cached under the same corpus and settings.
+
+    model_type "word" makes every whitespace-separated word one piece (right for the embedded world, whose
+    vocabulary is small); use "bpe" or "unigram" for real text. vocab_size is an upper bound: the model keeps
+    fewer pieces when the corpus has fewer. Ids: unk 0, bos 1, eos 2, pad 3.
+    """
+    texts = list(texts)
+    settings = dict(model_type=model_type, vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
+                    unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    path = Path(cache_dir).expanduser() / f"tokenizer-{digest.hexdigest()[:16]}.model"
+    if not path.exists():
+        proto = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=proto, **settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(proto.getvalue())
+        os.replace(tmp, path)  # atomic, so runs sharing a cache never read half a file
+    return Tokenizer.load(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formats and importers (FORMATS.md §1)
+
+TEMPLATES = {
+    "alpaca": ("Below is an instruction that describes a task, paired with an input that provides further context. "
+               "Write a response that appropriately completes the request.\n\n"
+               "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"),
+    "alpaca_no_input": ("Below is an instruction that describes a task. Write a response that appropriately "
+                        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:"),
+    "tldr": "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:",
+    "cnndm": "Article:\n{article}\n\nTL;DR:",
+}
+HH_ASSISTANT = "\n\nAssistant:"  # HH prompt = everything up to and including the last one (DPO reference code)
+
+# format -> (kind, fields that identify it); detection tries them in this order on the first record
+FORMATS = {
+    "hpa": ("hpa", {"prompt", "chosen", "rejected"}),  # ours, TRL explicit prompt, Dahoas
+    "ifa": ("ifa", {"prompt", "response"}),
+    "completion": ("ifa", {"prompt", "completion"}),  # TRL prompt-completion
+    "alpaca": ("ifa", {"instruction", "output"}),
+    "tldr": ("ifa", {"subreddit", "title", "post", "summary"}),
+    "tldr_comparisons": ("hpa", {"info", "summaries", "choice"}),
+    "hh": ("hpa", {"chosen", "rejected"}),
+    "trl_implicit": ("hpa", {"chosen", "rejected"}),
+}
+
+
+def _read_objects(path):
+    """[(where, obj)] from a JSON array or JSON lines file, gzipped or not; `where` is "path:N" (line N) or
+    "path: record N" (in an array)."""
+    try:
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not UTF-8 text or a broken gzip file ({e})") from None
+    if text.lstrip().startswith("["):  # one JSON array (Alpaca); otherwise JSON lines, whatever the extension
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        out = [(f"{path}: record {i + 1}", obj) for i, obj in enumerate(items)]
+    else:
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: malformed JSON line: {e.msg}") from None
+    if not out:
+        raise DataError(f"{path}: empty file (no records)")
+    for where, obj in out:
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return out
+
+
+def _get(where, obj, key, kind=str):
+    if key not in obj:
+        raise DataError(f"{where}: missing field '{key}'")
+    if not isinstance(obj[key], kind):
+        raise DataError(f"{where}: field '{key}' should be {kind.__name__}, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _detect(path, objects):
+    where, first = objects[0]
+    for fmt, (_, fields) in FORMATS.items():
+        if fields <= first.keys():
+            if fmt == "hh" and HH_ASSISTANT not in str(first["chosen"]):
+                continue
+            return fmt
+    raise DataError(f"{where}: cannot tell the format from the fields {sorted(first)}; known formats: "
+                    f"{', '.join(FORMATS)}")
+
+
+def _split_hh(where, chosen, rejected):
+    """HH: prompt = up to the last "\\n\\nAssistant:" of each string; they must agree, else the TRL common prefix."""
+    i, j = chosen.rfind(HH_ASSISTANT), rejected.rfind(HH_ASSISTANT)
+    if i < 0 or j < 0:
+        raise DataError(f"{where}: an HH transcript without '\\n\\nAssistant:'")
+    prompt = chosen[:i + len(HH_ASSISTANT)]
+    if rejected[:j + len(HH_ASSISTANT)] != prompt:
+        return _split_common_prefix(where, chosen, rejected)
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def _split_common_prefix(where, chosen, rejected):
+    """TRL's extract_prompt: the longest common prefix, moved back over a space so it stays in the completions."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        raise DataError(f"{where}: chosen and rejected share no prompt")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _convert(fmt, where, obj):
+    """One record of format `fmt` as our IFA or HPA dict (None: a pair with identical answers, skipped)."""
+    if fmt in ("hpa", "ifa"):
+        for key in FORMATS[fmt][1]:
+            _get(where, obj, key)
+        return dict(obj)  # extra fields (e.g. the world's "family", "reference") are kept
+    if fmt == "completion":
+        return {"prompt": _get(where, obj, "prompt"), "response": _get(where, obj, "completion")}
+    if fmt == "alpaca":
+        instruction, output = _get(where, obj, "instruction"), _get(where, obj, "output")
+        inp = obj.get("input") or ""
+        template = TEMPLATES["alpaca"] if inp else TEMPLATES["alpaca_no_input"]
+        return {"prompt": template.format(instruction=instruction, input=inp), "response": output}
+    if fmt == "tldr":
+        fields = {k: _get(where, obj, k) for k in ("subreddit", "title", "post", "summary")}
+        return {"prompt": TEMPLATES["tldr"].format(**fields), "response": " " + fields["summary"].strip()}
+    if fmt == "tldr_comparisons":
+        info, summaries = _get(where, obj, "info", dict), _get(where, obj, "summaries", list)
+        choice = _get(where, obj, "choice", int)
+        if len(summaries) != 2 or choice not in (0, 1) or not all(isinstance(s, dict) for s in summaries):
+            raise DataError(f"{where}: expected two summaries and a choice of 0 or 1")
+        texts = [_get(where, s, "text") for s in summaries]
+        if "article" in info:
+            prompt = TEMPLATES["cnndm"].format(article=_get(where, info, "article"))
+        else:
+            prompt = TEMPLATES["tldr"].format(**{k: _get(where, info, k) for k in ("subreddit", "title", "post")})
+        pair = {"prompt": prompt, "chosen": texts[choice], "rejected": texts[1 - choice]}
+    else:
+        chosen, rejected = _get(where, obj, "chosen"), _get(where, obj, "rejected")
+        prompt, c, r = (_split_hh if fmt == "hh" else _split_common_prefix)(where, chosen, rejected)
+        pair = {"prompt": prompt, "chosen": c, "rejected": r}
+    return None if pair["chosen"] == pair["rejected"] else pair
+
+
+def load_records(path, fmt=None, kind=None):
+    """Read a dataset file. fmt: one of FORMATS, or None to detect it by fields.
+
+    kind None: returns (kind "ifa" | "hpa", records). kind "ifa" or "hpa": returns the records alone, and the file
+    must hold that kind, except that preference data read as "ifa" gives its chosen answers as demonstrations (the
+    DPO reference code's SFT on HH). Pairs whose two answers are identical carry no preference and are skipped, with
+    one warning per file.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format '{fmt}'; known formats: {', '.join(FORMATS)}")
+    if kind not in (None, "ifa", "hpa"):
+        raise ValueError(f"kind must be 'ifa', 'hpa' or None, got {kind!r}")
+    objects = _read_objects(path)
+    fmt = fmt or _detect(path, objects)
+    records = [_convert(fmt, where, obj) for where, obj in objects]
+    kept = [r for r in records if r is not None]
+    if not kept:
+        raise DataError(f"{path}: no usable records")
+    if len(kept) < len(records):
+        warnings.warn(f"{path}: skipped {len(records) - len(kept)} pairs with identical answers", DataWarning)
+    found = FORMATS[fmt][0]
+    if kind is None:
+        return found, kept
+    if kind == found:
+        return kept
+    if kind == "hpa":
+        raise DataError(f"{path}: holds demonstrations ({fmt}), not preference pairs")
+    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in kept]
+
+
+def save_records(path, records):
+    """Write records as JSON lines (the format load_records reads back as "ifa" or "hpa")."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenisation and batching
+
+def _fit(name, tok, records, max_seq_len, response_keys):
+    """Tokenise; keep the end of a prompt that is too long; drop what still does not fit; warn once with counts."""
+    examples, cut, dropped = [], 0, 0
+    for r in records:
+        prompt = tok.encode(r["prompt"])
+        responses = [tok.encode(r[k]) + [tok.eos_id] for k in response_keys]
+        room = max_seq_len - 1 - max(map(len, responses))  # 1 for bos
+        if room < 1:  # not even one prompt token fits beside the response
+            dropped += 1
+            continue
+        if len(prompt) > room:
+            prompt, cut = prompt[-room:], cut + 1  # keep the end, next to the answer (as the HH references do)
+        examples.append(([tok.bos_id] + prompt, *responses))
+    if cut or dropped:
+        warnings.warn(f"{name}: max_seq_len {max_seq_len}: kept the end of {cut} prompts, dropped {dropped} of "
+                      f"{len(records)} examples", DataWarning, stacklevel=3)
+    return examples
+
+
+def tokenize_ifa(records, tok, max_seq_len, name="ifa"):
+    """IFA records -> [(prompt_ids, response_ids)], each at most max_seq_len tokens in all."""
+    return _fit(name, tok, records, max_seq_len, ("response",))
+
+
+def tokenize_hpa(records, tok, max_seq_len, name="hpa"):
+    """HPA records -> [(prompt_ids, chosen_ids, rejected_ids)]; prompt + either answer fits in max_seq_len."""
+    return _fit(name, tok, records, max_seq_len, ("chosen", "rejected"))
+
+
+def encode_prompts(records, tok, max_len=None):
+    """Generation prompts: bos + prompt ids (the last max_len - 1 prompt tokens when max_len is given)."""
+    out = []
+    for r in records:
+        ids = tok.encode(r["prompt"])
+        if max_len:
+            ids = ids[max(0, len(ids) - (max_len - 1)):]
+        out.append([tok.bos_id] + ids)
+    return out
+
+
+def _pad_rows(rows, pad_id):
+    """rows: [(prompt_ids, response_ids)] -> tokens (N, T) long right-padded, mask (N, T) True on response ids.
+
+    ([1, 7], [8, 2]) and ([1, 7, 9, 5], [2]) with pad 3 -> tokens [[1, 7, 8, 2, 3], [1, 7, 9, 5, 2]],
+    mask [[F, F, T, T, F], [F, F, F, F, T]]. The pad value never matters: masks mark what is scored, and right pads
+    sit after every real token, where causal attention cannot see them.
+    """
+    T = max(len(p) + len(r) for p, r in rows)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p):len(p) + len(r)] = True
+    return tokens, mask
+
+
+def ifa_batch(examples, pad_id=0):
+    """[(prompt_ids, response_ids)] * B -> tokens (B, T) long, mask (B, T) bool (True on response tokens incl. eos)."""
+    return _pad_rows(examples, pad_id)
+
+
+def hpa_batch(examples, pad_id=0):
+    """[(prompt_ids, chosen_ids, rejected_ids)] * B -> tokens (2B, T), mask (2B, T).
+
+    Rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward pass scores both.
+    """
+    return _pad_rows([(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples], pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splitting (HBAT.md §2.2)
+
+def split(items, n, seed):
+    """N disjoint, equal-size, seeded random subsets of items; the len(items) % n left over are dropped."""
+    if not 1 <= n <= len(items):
+        raise ValueError(f"cannot split {len(items)} records into {n} subsets (need 1 <= N <= number of records)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    size = len(items) // n
+    return [[items[i] for i in order[k * size:(k + 1) * size]] for k in range(n)]

@@ -1,0 +1,461 @@
+"""A LLaMA-style decoder-only transformer that trains, samples, and loads Meta and Hugging Face LLaMA checkpoints.
+
+The architecture is Meta's llama/model.py: pre-norm blocks with RMSNorm, rotary position embeddings in Meta's
+interleaved-pair convention, grouped-query attention, a SwiGLU feed-forward and an untied output head. Parameter
+names are Meta's state-dict keys, so a Meta checkpoint loads without renaming.
+
+Simplified: no dropout, no tensor parallelism, no rotary scaling (Llama 3.1 `use_scaled_rope` / HF `rope_scaling`
+are refused), and rotary angles are computed per call rather than read from a table, so a model has no buffers.
+
+Shape letters, used throughout:
+    B batch, T time (tokens in this call), Tp longest prompt, S cache length (Tp + new tokens), L keys attended,
+    V vocab, D model dim, H query heads, K key/value heads, Hd head dim (D / H), N scored positions.
+"""
+import json
+import math
+import os
+import pickle
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    """Hyperparameters under Meta's params.json names; the defaults are Llama 2 7B."""
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None means n_heads (plain multi-head attention); Llama 2 70B uses 8
+    vocab_size: int = 32000
+    multiple_of: int = 256  # the FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None  # 1.3 for Llama 2 70B
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048  # generate stops here (Meta's cap); rotary itself has no table to outgrow
+
+    def __post_init__(self):  # otherwise a bad split still runs, as a different model from the one asked for
+        if self.dim % (2 * self.n_heads) or self.n_heads % (self.n_kv_heads or self.n_heads):
+            raise ValueError(f"dim must split into n_heads heads of even size, n_heads into n_kv_heads groups: {self}")
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's FeedForward rule: 2/3 of 4·dim, times the multiplier, rounded up (11008 for 7B, 28672 for 70B)."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B or 1, T) long -> cos, sin (B or 1, T, 1, Hd/2) float32 of angle position·θ^(-2i/Hd) for pair i."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, Hd) in Meta's convention: pair i is (x[2i], x[2i+1]), read as one complex number.
+
+    Computed in float32 and cast back, as Meta does. (HF's rotate_half pairs x[i] with x[i + Hd/2] instead, which is
+    why HF checkpoints store wq/wk rows permuted; see permute_qk.)"""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, Hd/2) each
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor:
+    """pad_mask (B, T) bool, True on real tokens -> (B, 1, T, T) bool, True where query t may read key s.
+
+    Query t reads the real keys s <= t. Each query also reads itself: a query with only padding before it (left
+    padding) would otherwise have an empty row, which softmax turns into NaN on some backends; its output is unused."""
+    T = pad_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=pad_mask.device).tril()
+    itself = torch.eye(T, dtype=torch.bool, device=pad_mask.device)
+    return ((causal & pad_mask[:, None, :]) | itself)[:, None]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): argmax at temperature 0, else a draw from the nucleus, the most likely
+    tokens whose mass before each is <= top_p (so the top token always stays; top_p = 1 keeps all)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    p_sorted, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
+    if top_p < 1.0:  # (at 1, rounding in cumsum could still drop the tail)
+        p_sorted[p_sorted.cumsum(-1) - p_sorted > top_p] = 0  # multinomial renormalises what is left
+    return order.gather(-1, torch.multinomial(p_sorted, 1, generator=generator)).squeeze(-1)
+
+
+# --- the network ------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x · rsqrt(mean(x²) + eps) in float32, cast back to x's dtype, then times a learned gain (Meta's order)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        """x (B, T, D) -> (B, T, D). mask (B, 1, T, L) bool, True = may attend, or None for plain causal attention.
+
+        With cache = (keys, values), each (B, K, S, Hd), this call's keys and values are written at [start, start + T)
+        and the queries read cache[:start + T], so L = start + T."""
+        B, T, _ = x.shape
+        q = apply_rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, Hd)
+        if cache is not None:
+            cache[0][:, :, start:start + T] = k
+            cache[1][:, :, start:start + T] = v
+            k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+        # enable_gqa: query head h reads key/value head h // (H / K), Meta's repeat_kv without materialising copies
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # GPT-2 init: residual-branch outputs shrink with depth so the residual stream stays O(1)
+                deep = name.endswith(("wo.weight", "w2.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * args.n_layers) if deep else 0.02)
+
+    def _trunk(self, tokens, cos, sin, mask, caches=None, start=0):
+        """tokens (B, T) -> final-normed hidden states (B, T, D); caches: one (keys, values) pair per layer."""
+        x = self.tok_embeddings(tokens)
+        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
+            x = layer(x, cos, sin, mask, cache, start)
+        return self.norm(x)
+
+    def hidden(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) long -> final-normed hidden states (B, T, D), for the output head or a scalar head.
+
+        pad_mask (B, T) bool, True on real tokens. None means no padding or right padding only: causal attention
+        already keeps real tokens from reading pads to their right. With it, a row's first real token has position 0
+        and no query reads a padding key, so each sequence gets exactly what it gets unpadded."""
+        if pad_mask is None:
+            positions, mask = torch.arange(tokens.shape[1], device=tokens.device)[None], None
+        else:
+            positions, mask = (pad_mask.long().cumsum(-1) - 1).clamp(min=0), attention_mask(pad_mask)
+        cos, sin = rotary(positions, self.args.dim // self.args.n_heads, self.args.rope_theta)
+        return self._trunk(tokens, cos, sin, mask)
+
+    def forward(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) long -> logits (B, T, V) in the weights' dtype; see `hidden` for pad_mask."""
+        return self.output(self.hidden(tokens, pad_mask))
+
+    def token_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                       with_entropy: bool = False):
+        """out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where mask[b, t], else 0: (B, T) float32.
+
+        mask (B, T) bool is aligned with tokens and marks the tokens to score, so mask[:, 0] must be False. Only the
+        N masked positions go through the output head (never the full (B, T, V) logits), log-softmax in float32.
+        Example: tokens [bos, a, b, eos, pad], mask [F, F, T, T, F] scores b and eos from the hidden states at t = 1, 2.
+        with_entropy=True also returns the entropy (B, T) of the whole next-token distribution at the same places."""
+        b, t = mask.nonzero(as_tuple=True)  # (N,) each
+        if (t == 0).any():
+            raise ValueError("mask[:, 0] must be False: the first token has no prefix to be predicted from")
+        logp = self.output(self.hidden(tokens, pad_mask)[b, t - 1]).float().log_softmax(-1)  # (N, V)
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=logp.device)
+        out = zeros.index_put((b, t), logp.gather(-1, tokens[b, t, None]).squeeze(-1))
+        if not with_entropy:
+            return out
+        return out, zeros.index_put((b, t), -(logp.exp() * logp).sum(-1))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_id: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Continue each prompt; return only the new tokens per prompt, each list ending at eos_id (included) if it
+        was emitted. Greedy at temperature 0, nucleus sampling otherwise (pass a seeded torch.Generator on the
+        weights' device to reproduce a draw). Prompts are left-padded into one batch and decoded with a key/value
+        cache preallocated for prompt + new tokens; the total never exceeds max_seq_len, as in Meta's generation."""
+        if not prompts or min(map(len, prompts)) == 0:
+            raise ValueError("generate needs at least one prompt, each of at least one token (e.g. bos)")
+        B, Tp = len(prompts), max(map(len, prompts))
+        if Tp > self.args.max_seq_len:
+            raise ValueError(f"a prompt of {Tp} tokens is longer than max_seq_len {self.args.max_seq_len}")
+        S = min(Tp + max_new_tokens, self.args.max_seq_len)
+        weight = self.tok_embeddings.weight
+        dev = weight.device
+        tokens = torch.tensor([[0] * (Tp - len(p)) + list(p) for p in prompts], device=dev)  # (B, Tp) left-padded
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)  # False on left padding; new tokens are real
+        key_valid[:, :Tp] = torch.arange(Tp, device=dev) >= (Tp - lengths)[:, None]
+        cos, sin = rotary((key_valid.long().cumsum(-1) - 1).clamp(min=0), self.args.dim // self.args.n_heads,
+                          self.args.rope_theta)  # (B, S, 1, Hd/2): every step only slices these
+        attn = self.layers[0].attention
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else weight.dtype
+        caches = [tuple(torch.empty(B, attn.n_kv_heads, S, attn.head_dim, dtype=dtype, device=dev) for _ in "kv")
+                  for _ in self.layers]
+        was_training = self.training
+        self.eval()
+        try:
+            h = self._trunk(tokens, cos[:, :Tp], sin[:, :Tp], attention_mask(key_valid[:, :Tp]), caches, 0)
+            new, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
+            for t in range(Tp, S):  # token t is sampled from the hidden state of token t - 1
+                nxt = sample_next(self.output(h[:, -1]), temperature, top_p, generator)  # (B,)
+                new.append(nxt)
+                if eos_id is not None:
+                    done |= nxt == eos_id
+                    if done.all():  # the one host sync per token
+                        break
+                if t + 1 < S:
+                    h = self._trunk(nxt[:, None], cos[:, t:t + 1], sin[:, t:t + 1], key_valid[:, None, None, :t + 1],
+                                    caches, t)
+        finally:
+            self.train(was_training)
+        rows = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]
+        # a finished row keeps being decoded with the others; everything after its first eos is dropped here
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "Transformer":
+        """Load a save_checkpoint file, a Meta LLaMA directory (params.json + consolidated.*.pth) or a Hugging Face
+        LLaMA directory (config.json + safetensors or .bin weights). Weights come back on CPU in dtype (float32 if
+        None); move the model with .to(device)."""
+        path = Path(path)
+        if path.is_file():
+            args, state = _load_ours(path)
+        elif (path / "params.json").is_file():
+            args, state = _load_meta(path)
+        elif (path / "config.json").is_file():
+            args, state = _load_hf(path)
+        else:
+            raise FileNotFoundError(f"{path}: not a checkpoint file, nor a directory with params.json (Meta layout) "
+                                    f"or config.json (Hugging Face layout)")
+        with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
+            model = cls(args)
+        expected = model.state_dict()
+        if expected.keys() != state.keys():
+            missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+            raise ValueError(f"{path}: missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
+        for name, w in state.items():
+            if w.shape != expected[name].shape or not w.is_floating_point():
+                raise ValueError(f"{path}: tensor {name} is {w.dtype} {tuple(w.shape)}; this config needs a "
+                                 f"floating-point {tuple(expected[name].shape)}")
+        model.load_state_dict({n: w.to(dtype or torch.float32, copy=True) for n, w in state.items()}, assign=True)
+        return model
+
+
+# --- checkpoints: ours, Meta's, Hugging Face's ------------------------------------------------------------------
+
+def save_checkpoint(model: Transformer, path) -> None:
+    """Write {"model_args": dict, "model": state_dict} to path via a temporary file, so a crash keeps the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model_args": asdict(model.args), "model": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _torch_load(file: Path):
+    try:  # weights_only: a checkpoint is data; a pickle that names a function would run it on load
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{file} holds pickled Python objects besides tensors; refusing to load it") from e
+
+
+def _load_ours(file: Path):
+    ckpt = _torch_load(file)
+    if not (isinstance(ckpt, dict) and {"model_args", "model"} <= ckpt.keys()):
+        raise ValueError(f"{file} is not a save_checkpoint file (it needs the keys model_args and model)")
+    return ModelArgs(**ckpt["model_args"]), ckpt["model"]
+
+
+def _load_meta(d: Path):
+    params = json.loads((d / "params.json").read_text())
+    if params.get("use_scaled_rope"):
+        raise ValueError(f"{d}/params.json: use_scaled_rope (Llama 3.1 rotary scaling) is not supported")
+    shards = [_torch_load(f) for f in sorted(d.glob("consolidated.*.pth"))]  # 00, 01, ... is the concat order
+    if not shards:
+        raise FileNotFoundError(f"{d} has params.json but no consolidated.*.pth")
+    state = {}
+    for name, first in shards[0].items():
+        if name == "rope.freqs":  # a stored copy of what rotary() computes
+            continue
+        # column-parallel layers were split by output rows, row-parallel ones (wo, w2) by input columns, and the
+        # embedding by its dim in LLaMA 1/2 but by vocabulary in Llama 3 (each shard is then a full dim wide)
+        by_column = name.endswith(("wo.weight", "w2.weight")) or (
+            name == "tok_embeddings.weight" and first.shape[1] != params["dim"])
+        replicated = first.dim() == 1 or len(shards) == 1  # the norms sit whole in every shard
+        state[name] = first if replicated else torch.cat([s[name] for s in shards], dim=1 if by_column else 0)
+    if params.get("vocab_size", -1) < 0:  # Llama 2 writes -1 (the tokenizer decides), so read the embedding
+        params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    names = {f.name for f in fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in params.items() if k in names}), state
+
+
+_HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+
+
+def _hf_name(name: str) -> str:
+    """layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight; norm.weight -> model.norm.weight."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return f"model.layers.{parts[1]}.{_HF_LAYER['.'.join(parts[2:-1])]}.weight"
+    return f"{_HF_TOP[parts[0]]}.weight"
+
+
+def permute_qk(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """Reorder the rows of a wq/wk weight (n_heads·Hd, D) within each head, from Meta's interleaved rotary pairs
+    (0, 1), (2, 3), ... to HF's order "all even rows, then all odd rows" (inverse=True goes back). Since q and k are
+    reordered alike, q·k is unchanged. This is the permute of HF's convert_llama_weights_to_hf.py."""
+    d1, d2 = w.shape
+    pairs = d1 // n_heads // 2
+    shape = (n_heads, 2, pairs, d2) if inverse else (n_heads, pairs, 2, d2)
+    return w.reshape(shape).transpose(1, 2).reshape(d1, d2)
+
+
+def _load_hf(d: Path):
+    cfg = json.loads((d / "config.json").read_text())
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or {}  # newer writers move rope_theta in here
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{d}/config.json: rotary scaling is not supported")
+    if cfg.get("head_dim", dim // n_heads) != dim // n_heads or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{d}/config.json: only LLaMA's head_dim = hidden_size / heads and bias-free layers load")
+    # Meta's rule rounds int(8·dim/3) up to multiple_of, so multiple_of = intermediate_size gives any size at least
+    # that large (every LLaMA); a multiplier below 1 first shrinks it for a smaller one.
+    hidden, base = cfg["intermediate_size"], int(2 * 4 * dim / 3)
+    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"], multiple_of=hidden,
+                     ffn_dim_multiplier=hidden / base if hidden < base else None,
+                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                     rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
+                     max_seq_len=cfg.get("max_position_embeddings", 2048))
+    index = d / "model.safetensors.index.json"
+    files = (sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file()
+             else sorted(d.glob("model.safetensors")) or sorted(d.glob("pytorch_model*.bin")))
+    if not files:
+        raise FileNotFoundError(f"{d} has config.json but no model.safetensors(.index.json) or pytorch_model*.bin")
+    ours = [f"{m}.weight" for m in _HF_TOP]
+    ours += [f"layers.{i}.{m}.weight" for i in range(args.n_layers) for m in _HF_LAYER]
+    rename = {_hf_name(n): n for n in ours}
+    state = {}
+    for f in files:
+        shard = read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f)
+        state.update({rename.get(n, n): w for n, w in shard.items() if not n.endswith("rotary_emb.inv_freq")})
+    hd, n_kv = dim // n_heads, args.n_kv_heads or n_heads
+    for i in range(args.n_layers):
+        for name, n in ((f"layers.{i}.attention.wq.weight", n_heads), (f"layers.{i}.attention.wk.weight", n_kv)):
+            if name in state and state[name].shape == (n * hd, dim):  # other shapes are reported by the caller
+                state[name] = permute_qk(state[name], n, inverse=True)
+    if cfg.get("tie_word_embeddings"):  # HF then ignores lm_head (often not even stored)
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return args, state
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32}
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file: a little-endian u64 header length, a JSON header mapping each name to its
+    dtype, shape and byte range [begin, end) in the data that follows."""
+    tensors = {}
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']} "
+                                 f"(supported: {', '.join(_ST_DTYPES)})")
+            begin, end = info["data_offsets"]
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(end - begin))
+            dtype = _ST_DTYPES[info["dtype"]]
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """The inverse of read_safetensors, header padded with spaces to 8 bytes as the reference writer does."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    dtype_names = {v: k for k, v in _ST_DTYPES.items()}
+    for name, w in tensors.items():
+        blob = w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": dtype_names[w.dtype], "shape": list(w.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(file, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        f.writelines(blobs)
+
+
+def export_hf(model: Transformer, out_dir) -> None:
+    """Write out_dir/config.json and out_dir/model.safetensors in Hugging Face's LlamaForCausalLM layout."""
+    a, out = model.args, Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_kv = a.n_kv_heads or a.n_heads
+    tensors = {}
+    for name, w in model.state_dict().items():
+        if name.endswith(("wq.weight", "wk.weight")):
+            w = permute_qk(w, a.n_heads if name.endswith("wq.weight") else n_kv)
+        tensors[_hf_name(name)] = w
+    write_safetensors(tensors, out / "model.safetensors")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+              "num_key_value_heads": n_kv, "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
+              "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
+              "tie_word_embeddings": False, "torch_dtype": str(model.output.weight.dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(config, indent=2))

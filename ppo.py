@@ -1,0 +1,357 @@
+"""PPO for the HPA stages: textbook RLHF PPO (HBAT.md §4.2), every detail visible.
+
+One PPO iteration, as train.py runs it (the loop owns the optimizer, LR schedule, EWC penalty, clipping, DDP):
+
+    ro, metrics = rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator)
+    for epoch in range(cfg.epochs):
+        for mb in minibatches(ro, cfg.minibatch_size, generator):
+            loss, mb_metrics = ppo_loss(policy, critic, mb, cfg)   # + EWC, backward, clip, step
+            ...stop the update when mb_metrics["approx_kl"] > cfg.target_kl
+    if cfg.adaptive_kl:  # kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), made once
+        cfg.kl_coef = kl_ctl.update(metrics["kl"], len(prompts))
+
+What it simplifies: one sampled response per prompt; the KL penalty uses the sampled tokens' log-probs (no
+full-vocab KL in the reward, that is only reported); no reward whitening or scaling. The paper's release ran a
+critic-free, REINFORCE-like variant instead (sequence reward decayed by 0.95 per position); this file is the
+standard PPO of Ziegler et al. 2019 / Stiennon et al. 2020 / Ouyang et al. 2022.
+
+Shapes: B rollout batch, Tq prompt length (left-padded), Tr response length (right-padded), V vocab, D model dim.
+"""
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PPOConfig:
+    # Reward shaping (§4.2)
+    kl_coef: float = 0.2            # §6.2: 0.2 was as stable as 0.05 and avoided the one-word exploit once
+    kl_estimator: str = "k1"        # "k1" or "k3", see kl_estimate
+    eos_penalty: float | None = -1.0  # score given to responses that never emit EOS; None keeps the RM's score
+    # GAE
+    gamma: float = 1.0              # no discounting inside a 20-token episode
+    lam: float = 0.95
+    # Update
+    clip: float = 0.2               # ε of the clipped surrogate
+    vf_clip: float = 0.2            # clip of value changes, on the score's scale
+    vf_coef: float = 0.1            # separate critic under Adam: mostly sets its share of the clipped grad norm
+    ent_coef: float = 0.0           # entropy bonus; 0 is the RLHF norm: the KL penalty already holds π near π_ref
+    epochs: int = 2                 # PPO epochs over each rollout batch
+    minibatch_size: int = 32
+    target_kl: float | None = None  # stop an update when the approximate KL(π_old‖π) of a minibatch passes this
+    # Sampling
+    max_new_tokens: int = 20
+    temperature: float = 1.0        # §4.2; the ratio uses π's own log-probs, so any other value would be off-policy
+    # Adaptive KL controller (Ziegler et al. 2019), run by the loop: see AdaptiveKLController
+    adaptive_kl: bool = False
+    kl_target: float = 6.0          # target sequence KL (nats)
+    kl_horizon: int = 10000         # episodes over which the coefficient may move by ±20%
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.temperature != 1.0:  # model.token_logprobs has no temperature, so π_old would not be the sampler
+            raise ValueError(f"PPO samples at temperature 1 (HBAT.md §4.2), got {self.temperature}")
+
+
+class Rollout(NamedTuple):
+    """One rollout batch. Invalid positions hold 0 in every float field (no fill values to remember).
+
+    queries      (B, Tq)     long  prompt tokens, left-padded with pad_id
+    responses    (B, Tr)     long  sampled tokens, cut after the first EOS, right-padded with pad_id
+    tokens       (B, Tq+Tr)  long  cat(queries, responses)
+    pad_mask     (B, Tq+Tr)  bool  True on real tokens (prompt and response)
+    masks        (B, Tr)     bool  True on response tokens, up to and including EOS
+    logprobs     (B, Tr)     float log π_old(responses[:, j] | everything before it)
+    ref_logprobs (B, Tr)     float the same under the frozen reference (the stage's starting model, §2.3)
+    values       (B, Tr)     float critic's value of the state before response token j
+    rewards      (B, Tr)     float -kl_coef·kl on every response token, + the score on the last one
+    advantages   (B, Tr)     float GAE, whitened over valid tokens
+    returns      (B, Tr)     float GAE advantages (before whitening) + values: the critic's target
+    scores       (B,)        float RM score at the last response token (eos_penalty if no EOS)
+
+    Alignment, a 5-token example: prompt [bos] left-padded to Tq = 2, response [a, eos] right-padded to Tr = 3.
+
+        column t of tokens   0     1     2             3                  4
+        tokens               pad   bos   a             eos                pad
+        pad_mask             F     T     T             T                  F
+        column j of masks                0             1                  2
+        masks                            T             T                  F
+        logprobs[j]                      log π(a|bos)  log π(eos|bos a)   0
+        values[j]                        V(bos)        V(bos a)           0
+        rewards[j]                       -β·kl[0]      -β·kl[1] + score   0
+
+    Response token j sits at column t = Tq + j and is predicted from column t - 1: `token_logprobs` gets masks
+    padded on the left by Tq columns and does that shift itself, and values[j] is the critic's output at column
+    Tq - 1 + j, the state before token j, where the LM's logits predict it. The score lands on the last True.
+    """
+    queries: torch.Tensor
+    responses: torch.Tensor
+    tokens: torch.Tensor
+    pad_mask: torch.Tensor
+    masks: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor
+
+
+# --- pure functions of tensors ---------------------------------------------------------------------------------
+
+def masked_mean(x, mask):
+    """Mean of x over positions where mask is True, any shape."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    """Population variance of x over positions where mask is True."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over valid tokens only (population variance); padded positions come back as 0.
+
+    With shift_mean=False the mean is added back, so only the scale changes (used for rewards in some recipes)."""
+    mean = masked_mean(x, mask)
+    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), vectorised over the batch.
+
+    rewards, values, mask: (B, T); mask is 1 on right-padded response tokens. The value of the state after the
+    last valid token is 0 (the episode ends there). Returns (advantages, returns), both (B, T), 0 where mask is 0;
+    returns = advantages + values (§4.2).
+    Worked example, one row, T = 2, γ = λ = 1: r = [0, 1], V = [0.5, 0.2] → δ = [0 + 0.2 - 0.5, 1 + 0 - 0.2]
+    = [-0.3, 0.8], A = [-0.3 + 0.8, 0.8] = [0.5, 0.8], returns = [1.0, 1.0].
+    """
+    mask = mask.to(values.dtype)
+    # Zeroing past the end makes every padded δ and A exactly 0, so the recursion needs no per-row lengths.
+    rewards, values = rewards * mask, values * mask
+    B, T = rewards.shape
+    advantages = torch.zeros_like(values)
+    last_gae = torch.zeros(B, dtype=values.dtype, device=values.device)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]      # TD error δ_t
+        last_gae = delta + gamma * lam * last_gae                      # A_t = δ_t + γλ A_{t+1}
+        advantages[:, t] = last_gae
+    return advantages * mask, (advantages + values) * mask
+
+
+def kl_estimate(logprobs, ref_logprobs, estimator):
+    """Per-token estimate of KL(π‖π_ref) from a token sampled from π (Schulman 2020, "Approximating KL").
+
+    k1 = log p - log p_ref: unbiased, negative whenever the sample is likelier under the reference.
+    k3 = (r - 1) - log r with r = p_ref / p: unbiased too, never negative (log r ≤ r - 1), and of lower variance
+    while π stays close to π_ref.
+    """
+    log_ratio = ref_logprobs - logprobs                                # log r
+    return -log_ratio if estimator == "k1" else torch.expm1(log_ratio) - log_ratio  # PPOConfig admits only these
+
+
+def token_rewards(scores, kl, masks, kl_coef):
+    """Per-token rewards (§4.2): -kl_coef·kl on every response token, plus the score on the last one.
+
+    scores (B,), kl and masks (B, Tr) with masks right-padded; returns (B, Tr), 0 on padding.
+    Example: masks = [T, T, F], kl = [0.1, -0.2, 0], kl_coef = 0.5, score = 2 → [-0.05, 0.1 + 2, 0].
+    """
+    rewards = -kl_coef * kl * masks
+    last = masks.sum(1) - 1                                            # index of the last response token
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss, mean over valid tokens.
+
+    All inputs (B, T). Returns (loss, clipfrac, approx_kl): clipfrac is the share of tokens where the clipped
+    term is the active one, approx_kl the k3 estimate of KL(π_old‖π) on the rollout's tokens (both detached).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)  # §4.2, PPO eq. 7: the pessimistic bound
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values, old_values, returns, mask, vf_clip):
+    """Clipped value loss (the PPO2 baselines form): 0.5·max((V - R)², (V_clipped - R)²), mean over valid tokens.
+
+    V_clipped = V_old + clamp(V - V_old, -vf_clip, vf_clip) keeps the critic near its rollout-time values, as the
+    surrogate keeps the policy near π_old. All inputs (B, T); returns a scalar.
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -vf_clip, vf_clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)  # §4.2
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a constant, < 0 worse."""
+    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask)).item()
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019): β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·n/horizon),
+    with KL the rollout's mean sequence KL and n its number of episodes. Use: see the module docstring."""
+
+    def __init__(self, init_kl_coef, target, horizon):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+        return self.value
+
+
+# --- rollout: sample, score, shape rewards, advantages (§4.2) --------------------------------------------------
+
+def make_critic(reward_model):
+    """The value network: a trainable copy of the reward model (Stiennon et al. 2020; Ouyang et al. 2022).
+
+    Why the RM and not the policy plus a fresh head: the RM already reads prompt + response and outputs a number
+    on the score's scale, so at the first rollout its values are close to the returns (above all at the last
+    token, where the return is the score), and the first advantages are not noise from an untrained head. A
+    separate network also keeps the value loss from pulling on the policy's weights."""
+    return copy.deepcopy(reward_model).train().requires_grad_(True)
+
+
+def collate(prompts, responses, pad_id, device=None):
+    """Lists of ids -> (queries, responses, tokens, pad_mask, masks) as in `Rollout` (see its 5-token example).
+
+    Prompts are left-padded and responses right-padded, so every response starts at column Tq."""
+    Tq, Tr = max(map(len, prompts)), max(map(len, responses))
+    tokens = torch.full((len(prompts), Tq + Tr), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[i, Tq - len(p):Tq + len(r)] = torch.tensor(p + r)
+        pad_mask[i, Tq - len(p):Tq + len(r)] = True
+    tokens, pad_mask = tokens.to(device), pad_mask.to(device)
+    return tokens[:, :Tq], tokens[:, Tq:], tokens, pad_mask, pad_mask[:, Tq:]
+
+
+def true_kl(policy, ref_model, tokens, pad_mask, masks):
+    """KL(π‖π_ref) of the full next-token distributions at each response position: (B, Tr), 0 on padding.
+
+    The quantity the k1/k3 estimates in the reward approximate; only reported. Logits are computed at response
+    positions only, (N, V) for N response tokens, as `token_logprobs` does."""
+    Tq = tokens.shape[1] - masks.shape[1]
+    b, j = masks.nonzero(as_tuple=True)
+    logp, ref_logp = (m.output(m.hidden(tokens, pad_mask)[b, Tq - 1 + j]).float().log_softmax(-1)
+                      for m in (policy, ref_model))                    # (N, V) each
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    return torch.zeros(masks.shape, device=kl.device).index_put((b, j), kl)
+
+
+def response_logprobs(model, tokens, pad_mask, masks, with_entropy=False):
+    """model.token_logprobs read at the response columns of tokens (the Rollout example): (B, Tr), 0 on padding;
+    with_entropy=True also returns the next-token entropy there, (B, Tr)."""
+    Tq = tokens.shape[1] - masks.shape[1]
+    out = model.token_logprobs(tokens, F.pad(masks, (Tq, 0), value=False), pad_mask, with_entropy=with_entropy)
+    return tuple(x[:, Tq:] for x in out) if with_entropy else out[:, Tq:]
+
+
+def response_values(critic, tokens, pad_mask, masks):
+    """The critic's value of the state before each response token, i.e. its output one column to the left of the
+    token (the Rollout example): (B, Tr), 0 on padding."""
+    return critic.values(tokens, pad_mask)[:, -masks.shape[1] - 1:-1] * masks
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Put models in eval mode inside the block and give each back the mode it had."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+@torch.no_grad()
+def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator=None):
+    """One rollout batch (§4.2) for prompts (list of B id lists, each bos + prompt). Returns (Rollout, metrics).
+
+    ref_model is the frozen model at the start of the stage (§2.3); critic has the reward model's interface
+    (`values(tokens, pad_mask) -> (B, T)`); generator is the torch.Generator of the sampling (on the policy's device).
+    """
+    device = next(policy.parameters()).device
+    with eval_mode(policy, ref_model, critic, reward_model):
+        # 1. Sample with the KV cache. generate cuts each row after its first EOS (EOS included), so a row without
+        #    EOS is one that ran into max_new_tokens: a truncated answer.
+        sampled = policy.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, eos_id=eos_id,
+                                  generator=generator)
+        if min(map(len, sampled)) == 0:
+            raise ValueError("a prompt leaves no room for a response within max_seq_len")
+        queries, responses, tokens, pad_mask, masks = collate(prompts, sampled, pad_id, device)
+        # 2. Score at the last response token; an answer that never ended gets eos_penalty instead.
+        has_eos = torch.tensor([r[-1] == eos_id for r in sampled], device=device)
+        rm_scores = reward_model.score(tokens, F.pad(masks, (queries.shape[1], 0), value=False), pad_mask)
+        scores = rm_scores if cfg.eos_penalty is None else torch.where(has_eos, rm_scores, cfg.eos_penalty)
+        # 3. Log-probs of the sampled tokens under π_old and π_ref, one pass each, and the critic's values.
+        logprobs, entropy = response_logprobs(policy, tokens, pad_mask, masks, with_entropy=True)
+        ref_logprobs = response_logprobs(ref_model, tokens, pad_mask, masks)
+        values = response_values(critic, tokens, pad_mask, masks)
+        # 4. Per-token rewards: -kl_coef·kl everywhere, + the score on the last token (§4.2).
+        kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * masks
+        rewards = token_rewards(scores, kl, masks, cfg.kl_coef)
+        # 5. Advantages by GAE; returns before whitening are the critic's targets; whiten advantages (§4.2).
+        advantages, returns = compute_gae(rewards, values, masks, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, masks)
+        # 6. Diagnostics: the exact KL beside its estimate (one more forward pass of each model).
+        kl_full = true_kl(policy, ref_model, tokens, pad_mask, masks)
+    ro = Rollout(queries, responses, tokens, pad_mask, masks, logprobs, ref_logprobs, values, rewards, advantages,
+                 returns, scores)
+    metrics = {
+        "score": rm_scores.mean().item(),                              # the RM's, before the EOS penalty
+        "reward": rewards.sum(1).mean().item(),                        # what PPO maximises: score - kl_coef·KL
+        "kl": kl.sum(1).mean().item(),                                 # per sequence, the estimate in the reward
+        "kl_true": kl_full.sum(1).mean().item(),                       # per sequence, exact over the vocabulary
+        "entropy": masked_mean(entropy, masks).item(),                 # per token
+        "length": masks.sum(1).float().mean().item(),
+        "eos_share": has_eos.float().mean().item(),
+        "explained_variance": explained_variance(values, returns, masks),
+        "kl_coef": cfg.kl_coef,
+    }
+    return ro, metrics
+
+
+# --- update: the per-minibatch loss -----------------------------------------------------------------------------
+
+def minibatches(rollout, minibatch_size, generator=None):
+    """One epoch over a rollout: shuffled minibatches of rows (the last may be smaller), each a Rollout."""
+    B = rollout.scores.shape[0]
+    order = torch.randperm(B, generator=generator, device=generator.device if generator else "cpu")
+    for i in range(0, B, minibatch_size):
+        idx = order[i:i + minibatch_size].to(rollout.scores.device)
+        yield Rollout(*(field[idx] for field in rollout))
+
+
+def ppo_loss(policy, critic, mb, cfg):
+    """PPO loss on a minibatch (a Rollout): clipped surrogate + vf_coef·clipped value loss - ent_coef·entropy.
+
+    Recomputes the log-probs (and entropy) of the rollout's tokens under the current policy and the current
+    critic's values, with the same helpers as `rollout`. Returns (loss scalar, dict of float metrics)."""
+    logprobs, entropy = response_logprobs(policy, mb.tokens, mb.pad_mask, mb.masks, with_entropy=True)
+    values = response_values(critic, mb.tokens, mb.pad_mask, mb.masks)
+    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.masks, cfg.clip)
+    vf_loss = value_loss(values, mb.values, mb.returns, mb.masks, cfg.vf_clip)
+    mean_entropy = masked_mean(entropy, mb.masks)
+    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
+    return loss, {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clipfrac": clipfrac.item(),
+                  "approx_kl": approx_kl.item(), "entropy": mean_entropy.item()}

@@ -1,0 +1,362 @@
+"""model.py: the forward pass against an independent naive LLaMA, the KV cache against recomputation, padding,
+log-probs against a Python loop, and checkpoint loading in our, Meta's and Hugging Face's layouts.
+
+The Meta shards and HF files are written here by code that follows Meta's sharding and HF's converter
+(convert_llama_weights_to_hf.py) directly, so that a loader bug cannot cancel out against a writer bug."""
+import copy
+import json
+import re
+import struct
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (ModelArgs, Transformer, apply_rotary, attention_mask, export_hf, read_safetensors, rotary,
+                   save_checkpoint)
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=64)
+
+
+def tiny(seed=0, **changes) -> Transformer:
+    """A random tiny model with large weights, so that attention (and with it every position and mask) moves the
+    logits enough to change argmax, and gains away from 1, so that a norm loaded into the wrong place shows up."""
+    torch.manual_seed(seed)
+    model = Transformer(replace(ARGS, **changes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0.0, 0.2)
+    return model
+
+
+def naive_logits(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Meta's llama/model.py for one unpadded sequence tokens (T,), written plainly: complex-number rotary on
+    (x[2i], x[2i+1]) pairs, key/value heads repeated with repeat_kv's layout, and an explicit masked softmax."""
+    a, w = model.args, model.state_dict()
+    H, T = a.n_heads, len(tokens)
+    K, hd = a.n_kv_heads or H, a.dim // H
+
+    def rms(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a.norm_eps) * g
+
+    freqs = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    cis = torch.polar(torch.ones(T, hd // 2), torch.outer(torch.arange(T).float(), freqs))[:, None]  # (T, 1, hd/2)
+
+    def rope(x):  # (T, heads, hd)
+        return torch.view_as_real(torch.view_as_complex(x.reshape(T, -1, hd // 2, 2)) * cis).reshape(x.shape)
+
+    x = w["tok_embeddings.weight"][tokens]
+    for i in range(a.n_layers):
+        p = {n.split(f"layers.{i}.")[1]: v for n, v in w.items() if n.startswith(f"layers.{i}.")}
+        h = rms(x, p["attention_norm.weight"])
+        q = rope((h @ p["attention.wq.weight"].T).view(T, H, hd))
+        k = rope((h @ p["attention.wk.weight"].T).view(T, K, hd)).repeat_interleave(H // K, dim=1)
+        v = (h @ p["attention.wv.weight"].T).view(T, K, hd).repeat_interleave(H // K, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k) / hd ** 0.5
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        x = x + torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, -1) @ p["attention.wo.weight"].T
+        h = rms(x, p["ffn_norm.weight"])
+        ffn = F.silu(h @ p["feed_forward.w1.weight"].T) * (h @ p["feed_forward.w3.weight"].T)
+        x = x + ffn @ p["feed_forward.w2.weight"].T
+    return rms(x, w["norm.weight"]) @ w["output.weight"].T
+
+
+# --- the network ------------------------------------------------------------------------------------------------
+
+def test_ffn_hidden_dim_follows_meta_rule():
+    assert ModelArgs().ffn_hidden_dim == 11008  # Llama 2 7B
+    assert ModelArgs(dim=5120, n_heads=40, n_layers=40).ffn_hidden_dim == 13824  # 13B
+    assert ModelArgs(dim=8192, n_heads=64, n_kv_heads=8, n_layers=80, multiple_of=4096,
+                     ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672  # 70B
+    assert ARGS.ffn_hidden_dim == 176  # int(8 * 64 / 3) = 170, rounded up to a multiple of 16
+
+
+def test_forward_matches_naive_llama_with_repeated_kv_heads():
+    model = tiny()
+    assert model.args.n_kv_heads < model.args.n_heads  # grouped-query attention is what is being checked
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 11))
+    with torch.no_grad():
+        logits = model(tokens)
+        for b in range(2):
+            torch.testing.assert_close(logits[b], naive_logits(model, tokens[b]))
+
+
+def test_rotary_depends_only_on_relative_position():
+    torch.manual_seed(0)
+    hd = 16
+    q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+
+    def dot(m, n):
+        rotated = [apply_rotary(x, *rotary(torch.tensor([[pos]]), hd, 10000.0)) for x, pos in ((q, m), (k, n))]
+        return (rotated[0] * rotated[1]).sum()
+
+    for shift in (1, 7, 300):
+        torch.testing.assert_close(dot(3, 5), dot(3 + shift, 5 + shift))
+    assert not torch.allclose(dot(3, 5), dot(3, 6))
+
+
+def test_padding_gives_each_sequence_its_unpadded_logits():
+    model = tiny()
+    seqs = [torch.randint(0, ARGS.vocab_size, (n,)) for n in (5, 9, 2)]
+    T = 9
+    # pads hold random tokens: whatever they contain must not matter
+    left, right = torch.randint(0, ARGS.vocab_size, (2, 3, T))
+    left_mask, right_mask = torch.zeros(2, 3, T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        left[b, T - len(s):], left_mask[b, T - len(s):] = s, True
+        right[b, :len(s)], right_mask[b, :len(s)] = s, True
+    with torch.no_grad():
+        from_left, from_right, from_right_masked = model(left, left_mask), model(right), model(right, right_mask)
+        assert torch.isfinite(from_left).all()
+        assert attention_mask(left_mask).any(-1).all()  # no empty softmax row (NaN on some backends) even for pads
+        for b, s in enumerate(seqs):
+            alone = model(s[None])[0]
+            torch.testing.assert_close(from_left[b, T - len(s):], alone)
+            torch.testing.assert_close(from_right[b, :len(s)], alone)
+            torch.testing.assert_close(from_right_masked[b, :len(s)], alone)
+
+
+def test_token_logprobs_match_naive_loop_and_ignore_padding():
+    model = tiny()
+    tokens = torch.randint(0, ARGS.vocab_size, (3, 8))
+    mask = torch.rand(3, 8) < 0.6
+    mask[:, 0] = False
+    logprobs, entropy = model.token_logprobs(tokens, mask, with_entropy=True)
+    assert logprobs.dtype == torch.float32 and logprobs.shape == (3, 8)
+    with torch.no_grad():
+        for b in range(3):
+            for t in range(8):
+                lp = model(tokens[b, :t][None])[0, -1].float().log_softmax(-1) if t else torch.zeros(ARGS.vocab_size)
+                want = (lp[tokens[b, t]], -(lp.exp() * lp).sum()) if mask[b, t] else (0.0, 0.0)
+                torch.testing.assert_close(logprobs[b, t], torch.tensor(float(want[0])))
+                torch.testing.assert_close(entropy[b, t], torch.tensor(float(want[1])))
+    # five pads on the right, then the same rows left-padded by three with a pad_mask
+    right = torch.cat([tokens, torch.randint(0, ARGS.vocab_size, (3, 5))], 1)
+    right_mask = torch.cat([mask, torch.zeros(3, 5, dtype=torch.bool)], 1)
+    torch.testing.assert_close(model.token_logprobs(right, right_mask)[:, :8], logprobs)
+    assert (model.token_logprobs(right, right_mask)[:, 8:] == 0).all()
+    left = torch.cat([torch.randint(0, ARGS.vocab_size, (3, 3)), tokens], 1)
+    left_mask = torch.cat([torch.zeros(3, 3, dtype=torch.bool), mask], 1)
+    pad_mask = torch.cat([torch.zeros(3, 3, dtype=torch.bool), torch.ones(3, 8, dtype=torch.bool)], 1)
+    torch.testing.assert_close(model.token_logprobs(left, left_mask, pad_mask)[:, 3:], logprobs)
+    logprobs.sum().backward()
+    assert model.output.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mask"):
+        model.token_logprobs(tokens, torch.ones_like(mask))
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+
+PROMPTS = [[1, 5, 9], [7], [3, 4, 5, 6, 7, 8, 2], [11, 12]]
+
+
+def greedy_by_recomputation(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_kv_cache_generation_equals_full_recompute():
+    model = tiny()
+    model.train()
+    out = model.generate(PROMPTS, max_new_tokens=6)
+    assert model.training  # the mode is restored
+    assert out == [greedy_by_recomputation(model, p, 6) for p in PROMPTS]
+    # a row that emits eos stops there, eos included; the others go on
+    eos = out[0][2]
+    cut = [row[:row.index(eos) + 1] if eos in row else row for row in out]
+    assert model.generate(PROMPTS, max_new_tokens=6, eos_id=eos) == cut
+    assert cut[0][-1] == eos and any(len(row) == 6 for row in cut)
+
+
+def test_generation_sampling_is_reproducible_and_capped():
+    model = tiny()
+    draw = [model.generate(PROMPTS, 8, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert draw[0] == draw[1] and draw[0] != draw[2]
+    # a nucleus smaller than any single token keeps only the most likely one: greedy
+    assert model.generate(PROMPTS, 5, temperature=1.0, top_p=1e-9) == model.generate(PROMPTS, 5)
+    # prompt + new tokens never exceed max_seq_len
+    assert [len(r) for r in model.generate([[1] * 60, [2]], 10)] == [4, 4]
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert all(len(r) == 3 for r in bf16.generate(PROMPTS, 3))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+HF_NAMES = [(r"^tok_embeddings\.", "model.embed_tokens."), (r"^norm\.", "model.norm."), (r"^output\.", "lm_head."),
+            (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+            (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+            (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+            (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+            (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+            (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm.")]
+
+
+def hf_permute(w, n_heads):
+    """convert_llama_weights_to_hf.py's permute: Meta's interleaved rotary rows -> HF's half-split rows."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def to_hf(model):
+    a, out = model.args, {}
+    for name, w in model.state_dict().items():
+        if ".wq." in name or ".wk." in name:
+            w = hf_permute(w, a.n_heads if ".wq." in name else a.n_kv_heads)
+        for pattern, new in HF_NAMES:
+            name = re.sub(pattern, new, name)
+        out[name] = w
+    return out
+
+
+def hf_config(a, **changes):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+              "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
+              "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len, "tie_word_embeddings": False}
+    return {**config, **changes}
+
+
+def write_st(tensors, path, dtype="F32"):
+    """Independent safetensors writer; no header padding, so the reader must not rely on alignment."""
+    header, blobs, offset = {}, [], 0
+    for name, w in tensors.items():
+        w = {"F32": w.float(), "F16": w.half(), "BF16": w.bfloat16().view(torch.int16)}[dtype].contiguous()
+        blob = w.numpy().tobytes()
+        header[name] = {"dtype": dtype, "shape": list(w.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def write_hf(model, d, config=None, n_files=1, dtype="F32", drop=()):
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config or hf_config(model.args)))
+    tensors = {n: w for n, w in to_hf(model).items() if n not in drop}
+    if n_files == 1:
+        write_st(tensors, d / "model.safetensors", dtype)
+        return d
+    names, weight_map = list(tensors), {}
+    for i in range(n_files):
+        file = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::n_files]}
+        write_st(part, d / file, dtype)
+        weight_map.update({n: file for n in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d
+
+
+def write_meta(model, d, n_shards=2):
+    """Meta's layout: column-parallel weights split by rows, wo/w2 and the embedding by columns, norms copied."""
+    d.mkdir()
+    a = model.args
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+              "vocab_size": -1, "multiple_of": a.multiple_of, "norm_eps": a.norm_eps}
+    (d / "params.json").write_text(json.dumps(params))
+    shards = [{"rope.freqs": torch.zeros(a.dim // a.n_heads // 2)} for _ in range(n_shards)]
+    for name, w in model.state_dict().items():
+        if w.dim() == 1:
+            parts = [w] * n_shards
+        else:
+            parts = w.chunk(n_shards, dim=1 if re.search(r"wo\.|w2\.|tok_embeddings", name) else 0)
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, d / f"consolidated.{i:02d}.pth")
+    return d
+
+
+def assert_same_logits(path, reference, tokens, **kw):
+    loaded = Transformer.from_pretrained(path, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), reference(tokens))
+    return loaded
+
+
+def test_our_meta_and_hf_layouts_load_to_identical_logits(tmp_path):
+    model = tiny()
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 10))
+    save_checkpoint(model, tmp_path / "ours.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ours.pt"]  # the temporary file was renamed away
+    loaded = assert_same_logits(tmp_path / "ours.pt", model, tokens)
+    assert loaded.args == model.args and all(p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
+    assert_same_logits(write_meta(model, tmp_path / "meta"), model, tokens)
+    assert_same_logits(write_hf(model, tmp_path / "hf"), model, tokens)
+    assert_same_logits(write_hf(model, tmp_path / "hf_sharded", n_files=3), model, tokens)
+    bin_dir = tmp_path / "hf_bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text(json.dumps(hf_config(model.args)))
+    torch.save(to_hf(model), bin_dir / "pytorch_model.bin")
+    assert_same_logits(bin_dir, model, tokens)
+    # half-precision files load to the rounded weights; dtype= picks the in-memory precision
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    assert_same_logits(write_hf(model, tmp_path / "hf_bf16", dtype="BF16"), rounded, tokens)
+    half = Transformer.from_pretrained(write_hf(model, tmp_path / "hf_f16", dtype="F16"), dtype=torch.bfloat16)
+    assert half.output.weight.dtype == torch.bfloat16
+
+
+def test_hf_tied_embeddings_and_nested_rope_theta(tmp_path):
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 10))
+    tied = tiny()
+    tied.output.weight.data = tied.tok_embeddings.weight.data.clone()
+    config = hf_config(tied.args, tie_word_embeddings=True)
+    assert_same_logits(write_hf(tied, tmp_path / "tied", config, drop={"lm_head.weight"}), tied, tokens)
+    model = tiny(rope_theta=500000.0)
+    config = hf_config(model.args, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+    del config["rope_theta"]
+    loaded = assert_same_logits(write_hf(model, tmp_path / "nested", config), model, tokens)
+    assert loaded.args.rope_theta == 500000.0
+
+
+def test_export_hf_round_trip_in_hf_layout(tmp_path):
+    model = tiny()
+    export_hf(model, tmp_path / "export")
+    written = read_safetensors(tmp_path / "export" / "model.safetensors")
+    expected = to_hf(model)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[n], expected[n]) for n in expected)
+    assert_same_logits(tmp_path / "export", model, torch.randint(0, ARGS.vocab_size, (2, 10)))
+
+
+class WritesMarker:
+    """Unpickling this calls open(marker, "w"): code that runs on load leaves the marker file behind."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
+    model, marker = tiny(), tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"model_args": asdict(model.args), "model": model.state_dict(), "extra": WritesMarker(marker)}, path)
+    with pytest.raises(ValueError, match="pickled"):
+        Transformer.from_pretrained(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load does run it
+    assert marker.exists()
+
+
+def test_errors_name_what_to_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params.json.*config.json"):
+        Transformer.from_pretrained(tmp_path)
+    model = tiny()
+    state = model.state_dict()
+    state["layers.1.attention.wq.weight"] = state["layers.1.attention.wq.weight"][:-1]
+    torch.save({"model_args": asdict(model.args), "model": state}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wq\.weight"):
+        Transformer.from_pretrained(tmp_path / "bad.pt")
+    d = write_hf(model, tmp_path / "f8")
+    head = json.dumps({"model.norm.weight": {"dtype": "F8_E4M3", "shape": [64], "data_offsets": [0, 64]}}).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(64))
+    with pytest.raises(ValueError, match="F8_E4M3"):
+        Transformer.from_pretrained(d)

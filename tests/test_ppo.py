@@ -1,0 +1,286 @@
+"""PPO (ppo.py): the pure pieces against loops and hand-worked numbers, then the rollout and a short run."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ppo
+
+
+# --- GAE, whitening, KL estimators, rewards --------------------------------------------------------------------
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    """Plain reverse double loop over rows and time, reading only each row's first `length` tokens."""
+    B, T = rewards.shape
+    advantages = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        gae = 0.0
+        for t in reversed(range(lengths[b])):
+            next_value = values[b, t + 1].item() if t + 1 < lengths[b] else 0.0
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            gae = delta + gamma * lam * gae
+            advantages[b, t] = gae
+    returns = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        returns[b, :lengths[b]] = advantages[b, :lengths[b]] + values[b, :lengths[b]]
+    return advantages, returns
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.9, 0.0), (0.5, 0.3)])
+def test_gae_matches_reverse_loop(gamma, lam):
+    torch.manual_seed(0)
+    lengths = [7, 1, 4, 7, 2, 5]
+    B, T = len(lengths), max(lengths)
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    # Garbage (not zeros) past each row's end: compute_gae must ignore it.
+    rewards = torch.randn(B, T, dtype=torch.float64)
+    values = torch.randn(B, T, dtype=torch.float64)
+    advantages, returns = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    ref_advantages, ref_returns = gae_reference(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(advantages, ref_advantages, rtol=0, atol=1e-12)
+    torch.testing.assert_close(returns, ref_returns, rtol=0, atol=1e-12)
+
+
+def test_gae_worked_example():
+    """The docstring's example: r = [0, 1], V = [0.5, 0.2], γ = λ = 1 → A = [0.5, 0.8], returns = [1, 1]."""
+    advantages, returns = ppo.compute_gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]),
+                                          torch.tensor([[True, True]]), 1.0, 1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 0.8]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0]]))
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_matches_numpy_over_valid_tokens(shift_mean):
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(4, 6))
+    mask = np.arange(6)[None, :] < np.array([6, 2, 4, 1])[:, None]
+    valid = x[mask]
+    expected = (x - valid.mean()) / np.sqrt(valid.var() + 1e-8)  # np.var: population variance
+    if not shift_mean:
+        expected = expected + valid.mean()
+    expected = np.where(mask, expected, 0.0)
+    out = ppo.whiten(torch.from_numpy(x), torch.from_numpy(mask), shift_mean=shift_mean)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_kl_estimators_on_a_categorical():
+    """Sample N = 200,000 tokens from p (5 classes) and estimate KL(p‖q) = Σ p log(p/q) from log p(x), log q(x).
+
+    Both estimators are unbiased, so each sample mean must lie within 4 standard errors of the true KL, the
+    standard error sqrt(Var_p[k] / N) computed exactly from p and q (a 4σ miss has probability ~6e-5). Per sample,
+    k1 is negative wherever q(x) > p(x) while k3 = (r - 1) - log r is never negative.
+    """
+    p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
+    true_kl = (p * (p.log() - q.log())).sum()
+    n = 200_000
+    x = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    for estimator in ("k1", "k3"):
+        per_class = ppo.kl_estimate(p.log(), q.log(), estimator)    # the estimator's value for each outcome
+        std_err = ((p * (per_class - true_kl) ** 2).sum() / n).sqrt()
+        k = ppo.kl_estimate(p.log()[x], q.log()[x], estimator)
+        assert abs(k.mean() - true_kl) < 4 * std_err, (estimator, k.mean().item(), true_kl.item())
+        if estimator == "k1":
+            assert (k < 0).any()
+        else:
+            assert (k >= 0).all()
+
+
+def test_token_rewards_put_the_score_on_the_last_token():
+    """Row 0: masks [T, T, F], kl [0.1, -0.2, 9], kl_coef 0.5, score 2 → [-0.05, 0.1 + 2, 0].
+    Row 1 (length 3): kl [0.4, 0, 0], score -1 → [-0.2, 0, -1]."""
+    masks = torch.tensor([[True, True, False], [True, True, True]])
+    kl = torch.tensor([[0.1, -0.2, 9.0], [0.4, 0.0, 0.0]])
+    rewards = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, masks, kl_coef=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 2.1, 0.0], [-0.2, 0.0, -1.0]]))
+
+
+# --- losses on hand-worked numbers -----------------------------------------------------------------------------
+
+def test_policy_loss_hand_worked():
+    """ε = 0.2; per token ratio r, advantage A, loss max(-A·r, -A·clip(r, 0.8, 1.2)):
+    1. r = 1.5, A = +1: max(-1.5, -1.2) = -1.2   clipped (no gradient)
+    2. r = 0.5, A = +1: max(-0.5, -0.8) = -0.5   unclipped: the bound never rewards lowering r further
+    3. r = 0.5, A = -2: max( 1.0,  1.6) =  1.6   clipped (no gradient)
+    4. r = 1.1, A = -1: max( 1.1,  1.1) =  1.1   inside the range
+    5. r = 3.0, A = 10: masked out
+    loss = (-1.2 - 0.5 + 1.6 + 1.1) / 4 = 0.25; clipfrac = 2/4; approx_kl = mean((r-1) - log r) = 0.1213798;
+    d loss / d logprobs = -A·r/4 on unclipped tokens: [0, -0.125, 0, 0.275, 0].
+    """
+    old = torch.zeros(1, 5, dtype=torch.float64)
+    logprobs = torch.tensor([[1.5, 0.5, 0.5, 1.1, 3.0]], dtype=torch.float64).log().requires_grad_()
+    advantages = torch.tensor([[1.0, 1.0, -2.0, -1.0, 10.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True, False]])
+    loss, clipfrac, approx_kl = ppo.policy_loss(logprobs, old, advantages, mask, clip=0.2)
+    assert loss.item() == pytest.approx(0.25, abs=1e-12)
+    assert clipfrac.item() == pytest.approx(0.5, abs=1e-12)
+    assert approx_kl.item() == pytest.approx(0.12137976830185034, abs=1e-12)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -0.125, 0.0, 0.275, 0.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_value_loss_hand_worked():
+    """vf_clip = 0.2; per token V, V_old, R, V_clipped = V_old + clip(V - V_old, ±0.2), loss max((V-R)², (Vc-R)²):
+    1. V =  1.0, V_old = 0.5, R = 2.0: Vc = 0.7;  max(1.00, 1.69) = 1.69   clipped branch active
+    2. V =  1.0, V_old = 0.5, R = 0.0: Vc = 0.7;  max(1.00, 0.49) = 1.00
+    3. V =  0.1, V_old = 0.0, R = 1.0: Vc = 0.1;  max(0.81, 0.81) = 0.81   inside the range
+    4. V = -1.0, V_old = 0.0, R = 0.5: Vc = -0.2; max(2.25, 0.49) = 2.25
+    5. masked out
+    loss = 0.5 · (1.69 + 1 + 0.81 + 2.25) / 4 = 0.71875.
+    """
+    values = torch.tensor([[1.0, 1.0, 0.1, -1.0, 7.0]], dtype=torch.float64)
+    old_values = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    returns = torch.tensor([[2.0, 0.0, 1.0, 0.5, -7.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True, False]])
+    loss = ppo.value_loss(values, old_values, returns, mask, vf_clip=0.2)
+    assert loss.item() == pytest.approx(0.71875, abs=1e-12)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full_like(returns, 5.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller():
+    """KL far above target: β grows by the capped 20% times n/horizon; at the target it stays."""
+    ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    assert ctl.update(60.0, n_steps=100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert ctl.update(6.0, n_steps=100) == pytest.approx(0.1 * 1.02)
+
+
+# --- rollout alignment -----------------------------------------------------------------------------------------
+
+def test_collate_five_token_example():
+    """Rollout's docstring example: prompt [bos] left-padded to Tq = 2, response [a, eos] right-padded to Tr = 3.
+    bos = 1, eos = 2, pad = 3, a = 7; a second row (prompt [1, 8], response [9, 9, 2]) sets the widths."""
+    queries, responses, tokens, pad_mask, masks = ppo.collate([[1], [1, 8]], [[7, 2], [9, 9, 2]], pad_id=3)
+    assert tokens[0].tolist() == [3, 1, 7, 2, 3]
+    assert pad_mask[0].tolist() == [False, True, True, True, False]
+    assert masks[0].tolist() == [True, True, False]
+    assert queries[0].tolist() == [3, 1] and responses[0].tolist() == [7, 2, 3]
+    assert tokens[1].tolist() == [1, 8, 9, 9, 2] and masks[1].tolist() == [True, True, True]
+
+
+def tiny_model(vocab=16, dim=16, seed=0):
+    from model import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs(dim=dim, n_layers=1, n_heads=2, vocab_size=vocab, multiple_of=16, max_seq_len=32))
+
+
+def test_rollout_alignment_against_unpadded_forward():
+    """Every rollout tensor against the plain forward pass of each row alone, unpadded: logprobs[j] is log π of
+    response token j given everything before it, values[j] the critic at the token before it, the score the RM at
+    the last response token; rewards put -kl_coef·k1 on each token and the score on the last; kl_true is the
+    full-vocabulary KL at each response position. Before any step, ppo_loss sees ratio 1 (approx_kl = clipfrac = 0).
+    Also: the models come back in the modes they had."""
+    from reward import RewardModel
+    policy, ref_model = tiny_model(seed=0), tiny_model(seed=1)
+    reward_model = RewardModel(tiny_model(seed=2)).eval()
+    torch.nn.init.normal_(reward_model.head.weight)
+    critic = ppo.make_critic(RewardModel(tiny_model(seed=3)))
+    prompts = [[1, 5, 6, 7], [1], [1, 9, 4], [1, 4], [1, 12, 13, 14, 15], [1, 8]]
+    cfg = ppo.PPOConfig(max_new_tokens=8, eos_penalty=None, kl_coef=0.3)
+    ro, metrics = ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id=2, pad_id=3,
+                              generator=torch.Generator().manual_seed(0))
+    assert policy.training and critic.training and not reward_model.training
+    Tq = ro.queries.shape[1]
+    kl_true = []
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            response = ro.responses[b, ro.masks[b]].tolist()
+            seq = torch.tensor([prompt + response])
+            for j in range(len(response)):
+                t = len(prompt) + j                                       # position of response token j alone
+                for model, field in ((policy, ro.logprobs), (ref_model, ro.ref_logprobs)):
+                    expected = model(seq)[0, t - 1].log_softmax(-1)[seq[0, t]]
+                    assert field[b, j].item() == pytest.approx(expected.item(), abs=1e-5)
+                assert ro.values[b, j].item() == pytest.approx(critic.values(seq)[0, t - 1].item(), abs=1e-5)
+            assert ro.scores[b].item() == pytest.approx(reward_model.values(seq)[0, -1].item(), abs=1e-5)
+            logp, ref_logp = (m(seq)[0, len(prompt) - 1:-1].log_softmax(-1) for m in (policy, ref_model))
+            kl_true.append((logp.exp() * (logp - ref_logp)).sum().item())
+    assert metrics["kl_true"] == pytest.approx(np.mean(kl_true), abs=1e-5)
+    assert not ro.masks[~ro.masks.cumprod(1).bool()].any()              # right-padded: no True after a False
+    assert (ro.tokens[:, Tq:] == ro.responses).all() and (ro.pad_mask[:, Tq:] == ro.masks).all()
+    for field in (ro.logprobs, ro.ref_logprobs, ro.values, ro.rewards, ro.advantages, ro.returns):
+        assert (field[~ro.masks] == 0).all()
+    expected_rewards = ppo.token_rewards(ro.scores, (ro.logprobs - ro.ref_logprobs) * ro.masks, ro.masks, 0.3)
+    torch.testing.assert_close(ro.rewards, expected_rewards)
+    _, m = ppo.ppo_loss(policy, critic, ro, cfg)
+    assert m["approx_kl"] == pytest.approx(0.0, abs=1e-6) and m["clipfrac"] == 0.0
+    value_error = ((ro.values - ro.returns) ** 2)[ro.masks].mean().item()  # critic unchanged: no clipping either
+    assert m["value_loss"] == pytest.approx(0.5 * value_error, rel=1e-5)
+    # The same draw with an EOS penalty: only the answers that never ended lose their score.
+    cfg.eos_penalty = -5.0
+    ro2, _ = ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id=2, pad_id=3,
+                         generator=torch.Generator().manual_seed(0))
+    ended = torch.tensor([2 in r for r in ro.responses.tolist()])
+    assert (ro2.responses == ro.responses).all() and 0 < ended.sum() < len(prompts)
+    torch.testing.assert_close(ro2.scores, torch.where(ended, ro.scores, -5.0))
+
+
+def test_minibatches_cover_every_row_once_per_epoch():
+    ro = ppo.Rollout(*([torch.arange(10)[:, None].expand(10, 3)] * 11), torch.arange(10.0))
+    seen = torch.cat([mb.scores for mb in ppo.minibatches(ro, 4, torch.Generator().manual_seed(0))])
+    assert [len(mb.scores) for mb in ppo.minibatches(ro, 4)] == [4, 4, 2]
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    assert all((mb.tokens[:, 0] == mb.scores.long()).all() for mb in ppo.minibatches(ro, 4))
+
+
+# --- a short run ----------------------------------------------------------------------------------------------
+
+class TargetTokenRM(torch.nn.Module):
+    """A hand-made reward model: score = share of response tokens equal to `target` (a stand-in for "the RM likes
+    the style words"), and a learnable per-token value table for the critic (zero at start)."""
+
+    def __init__(self, vocab, target):
+        super().__init__()
+        self.target = target
+        self.table = torch.nn.Embedding(vocab, 1)
+        torch.nn.init.zeros_(self.table.weight)
+
+    def values(self, tokens, pad_mask=None):
+        return self.table(tokens).squeeze(-1)
+
+    def score(self, tokens, mask, pad_mask=None):
+        return ((tokens == self.target) & mask).sum(1) / mask.sum(1)
+
+
+def test_ppo_updates_raise_the_score_with_bounded_kl():
+    """A tiny random policy (vocab 16) starts with the target token at ~1/16 of its response tokens. Eight
+    rollouts of 32 prompts, each followed by 2 epochs of 4 minibatches (the loop train.py runs), must raise the
+    mean score of a fixed 128-prompt sample while the full-vocabulary KL to the reference stays a few nats per
+    sequence. With kl_coef β the KL-regularised optimum multiplies the target's probability by about
+    exp(score per target token / β) = exp((1/7) / 0.05) ≈ 17, so the score can rise well past the margin below."""
+    policy = tiny_model(dim=32, seed=0)
+    ref_model = tiny_model(dim=32, seed=0).eval().requires_grad_(False)
+    reward_model = TargetTokenRM(16, target=5)
+    critic = ppo.make_critic(reward_model)
+    cfg = ppo.PPOConfig(max_new_tokens=8, minibatch_size=8, eos_penalty=None, kl_coef=0.05)
+    params = list(policy.parameters()) + list(critic.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1, 4 + i % 12] for i in range(32)]
+
+    def evaluate():
+        _, m = ppo.rollout(policy, ref_model, critic, reward_model, prompts * 4, cfg, 2, 3,
+                           generator=torch.Generator().manual_seed(1))
+        return m
+
+    before = evaluate()
+    for _ in range(8):
+        ro, _ = ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, 2, 3, generator=g)
+        for _ in range(cfg.epochs):
+            for mb in ppo.minibatches(ro, cfg.minibatch_size, g):
+                loss, m = ppo.ppo_loss(policy, critic, mb, cfg)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+    after = evaluate()
+    assert after["score"] > before["score"] + 0.15                    # measured 0.06 -> 0.30 (seeds 0-2: +0.23..0.25)
+    assert after["kl_true"] < 5.0                                     # measured 2.3-2.6 nats per sequence
