@@ -52,8 +52,8 @@ def evaluate(model, tok, test, world, args, rm=None):
     metrics["no_eos"] = sum(not a["eos"] for a in answers) / len(answers)
     metrics["repetition"] = sum(map(repeats, responses)) / len(responses)
     metrics["length"] = sum(len(a["ids"]) for a in answers) / len(answers)
-    rows = [{"prompt": r["prompt"], "response": y, "eos": a["eos"], "reference": r.get("reference")}
-            for r, y, a in zip(test, responses, answers)]
+    rows = [{"prompt": r["prompt"], "response": y, "eos": a["eos"], "reference": r.get("reference"),
+             "family": r.get("family")} for r, y, a in zip(test, responses, answers)]
     return metrics, rows
 
 

@@ -2,7 +2,8 @@
 
 The architecture is Meta's llama/model.py: pre-norm blocks with RMSNorm, rotary position embeddings in Meta's
 interleaved-pair convention, grouped-query attention, a SwiGLU feed-forward and an untied output head. Parameter
-names are Meta's state-dict keys, so a Meta checkpoint loads without renaming.
+names are Meta's state-dict keys, so a Meta checkpoint loads without renaming; checkpoint.py reads and writes the
+file formats.
 
 Simplified: no dropout, no tensor parallelism, no rotary scaling (Llama 3.1 `use_scaled_rope` / HF `rope_scaling`
 are refused), and rotary angles are computed per call rather than read from a table, so a model has no buffers.
@@ -11,16 +12,14 @@ Shape letters, used throughout:
     B batch, T time (tokens in this call), Tp longest prompt, S cache length (Tp + new tokens), L keys attended,
     V vocab, D model dim, H query heads, K key/value heads, Hd head dim (D / H), N scored positions.
 """
-import json
 import math
-import os
-import pickle
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoint
 
 
 @dataclass
@@ -61,7 +60,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x (B, T, H, Hd) in Meta's convention: pair i is (x[2i], x[2i+1]), read as one complex number.
 
     Computed in float32 and cast back, as Meta does. (HF's rotate_half pairs x[i] with x[i + Hd/2] instead, which is
-    why HF checkpoints store wq/wk rows permuted; see permute_qk.)"""
+    why HF checkpoints store wq/wk rows permuted; see checkpoint.permute_qk.)"""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, Hd/2) each
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
@@ -261,20 +260,12 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "Transformer":
         """Load a save_checkpoint file, a Meta LLaMA directory (params.json + consolidated.*.pth) or a Hugging Face
-        LLaMA directory (config.json + safetensors or .bin weights). Weights come back on CPU in dtype (float32 if
-        None); move the model with .to(device)."""
-        path = Path(path)
-        if path.is_file():
-            args, state = _load_ours(path)
-        elif (path / "params.json").is_file():
-            args, state = _load_meta(path)
-        elif (path / "config.json").is_file():
-            args, state = _load_hf(path)
-        else:
-            raise FileNotFoundError(f"{path}: not a checkpoint file, nor a directory with params.json (Meta layout) "
-                                    f"or config.json (Hugging Face layout)")
+        LLaMA directory (config.json + safetensors or .bin weights); checkpoint.py reads the formats. Weights come
+        back on CPU in dtype (float32 if None); move the model with .to(device)."""
+        params, state = checkpoint.load(path)
+        names = {f.name for f in fields(ModelArgs)}  # a Meta params.json may carry keys we have no use for
         with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
-            model = cls(args)
+            model = cls(ModelArgs(**{k: v for k, v in params.items() if k in names}))
         expected = model.state_dict()
         if expected.keys() != state.keys():
             missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
@@ -287,175 +278,9 @@ class Transformer(nn.Module):
         return model
 
 
-# --- checkpoints: ours, Meta's, Hugging Face's ------------------------------------------------------------------
+# --- checkpoints ------------------------------------------------------------------------------------------------
 
 def save_checkpoint(model: Transformer, path) -> None:
-    """Write {"model_args": dict, "model": state_dict} to path via a temporary file, so a crash keeps the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model_args": asdict(model.args), "model": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-
-
-def _torch_load(file: Path):
-    try:  # weights_only: a checkpoint is data; a pickle that names a function would run it on load
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{file} holds pickled Python objects besides tensors; refusing to load it") from e
-
-
-def _load_ours(file: Path):
-    ckpt = _torch_load(file)
-    if not (isinstance(ckpt, dict) and {"model_args", "model"} <= ckpt.keys()):
-        raise ValueError(f"{file} is not a save_checkpoint file (it needs the keys model_args and model)")
-    return ModelArgs(**ckpt["model_args"]), ckpt["model"]
-
-
-def _load_meta(d: Path):
-    params = json.loads((d / "params.json").read_text())
-    if params.get("use_scaled_rope"):
-        raise ValueError(f"{d}/params.json: use_scaled_rope (Llama 3.1 rotary scaling) is not supported")
-    shards = [_torch_load(f) for f in sorted(d.glob("consolidated.*.pth"))]  # 00, 01, ... is the concat order
-    if not shards:
-        raise FileNotFoundError(f"{d} has params.json but no consolidated.*.pth")
-    state = {}
-    for name, first in shards[0].items():
-        if name == "rope.freqs":  # a stored copy of what rotary() computes
-            continue
-        # column-parallel layers were split by output rows, row-parallel ones (wo, w2) by input columns, and the
-        # embedding by its dim in LLaMA 1/2 but by vocabulary in Llama 3 (each shard is then a full dim wide)
-        by_column = name.endswith(("wo.weight", "w2.weight")) or (
-            name == "tok_embeddings.weight" and first.shape[1] != params["dim"])
-        replicated = first.dim() == 1 or len(shards) == 1  # the norms sit whole in every shard
-        state[name] = first if replicated else torch.cat([s[name] for s in shards], dim=1 if by_column else 0)
-    if params.get("vocab_size", -1) < 0:  # Llama 2 writes -1 (the tokenizer decides), so read the embedding
-        params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-    names = {f.name for f in fields(ModelArgs)}
-    return ModelArgs(**{k: v for k, v in params.items() if k in names}), state
-
-
-_HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-
-
-def _hf_name(name: str) -> str:
-    """layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight; norm.weight -> model.norm.weight."""
-    parts = name.split(".")
-    if parts[0] == "layers":
-        return f"model.layers.{parts[1]}.{_HF_LAYER['.'.join(parts[2:-1])]}.weight"
-    return f"{_HF_TOP[parts[0]]}.weight"
-
-
-def permute_qk(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
-    """Reorder the rows of a wq/wk weight (n_heads·Hd, D) within each head, from Meta's interleaved rotary pairs
-    (0, 1), (2, 3), ... to HF's order "all even rows, then all odd rows" (inverse=True goes back). Since q and k are
-    reordered alike, q·k is unchanged. This is the permute of HF's convert_llama_weights_to_hf.py."""
-    d1, d2 = w.shape
-    pairs = d1 // n_heads // 2
-    shape = (n_heads, 2, pairs, d2) if inverse else (n_heads, pairs, 2, d2)
-    return w.reshape(shape).transpose(1, 2).reshape(d1, d2)
-
-
-def _load_hf(d: Path):
-    cfg = json.loads((d / "config.json").read_text())
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    rope = cfg.get("rope_parameters") or {}  # newer writers move rope_theta in here
-    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{d}/config.json: rotary scaling is not supported")
-    if cfg.get("head_dim", dim // n_heads) != dim // n_heads or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{d}/config.json: only LLaMA's head_dim = hidden_size / heads and bias-free layers load")
-    # Meta's rule rounds int(8·dim/3) up to multiple_of, so multiple_of = intermediate_size gives any size at least
-    # that large (every LLaMA); a multiplier below 1 first shrinks it for a smaller one.
-    hidden, base = cfg["intermediate_size"], int(2 * 4 * dim / 3)
-    args = ModelArgs(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"], multiple_of=hidden,
-                     ffn_dim_multiplier=hidden / base if hidden < base else None,
-                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                     rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
-                     max_seq_len=cfg.get("max_position_embeddings", 2048))
-    index = d / "model.safetensors.index.json"
-    files = (sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file()
-             else sorted(d.glob("model.safetensors")) or sorted(d.glob("pytorch_model*.bin")))
-    if not files:
-        raise FileNotFoundError(f"{d} has config.json but no model.safetensors(.index.json) or pytorch_model*.bin")
-    ours = [f"{m}.weight" for m in _HF_TOP]
-    ours += [f"layers.{i}.{m}.weight" for i in range(args.n_layers) for m in _HF_LAYER]
-    rename = {_hf_name(n): n for n in ours}
-    state = {}
-    for f in files:
-        shard = read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f)
-        state.update({rename.get(n, n): w for n, w in shard.items() if not n.endswith("rotary_emb.inv_freq")})
-    hd, n_kv = dim // n_heads, args.n_kv_heads or n_heads
-    for i in range(args.n_layers):
-        for name, n in ((f"layers.{i}.attention.wq.weight", n_heads), (f"layers.{i}.attention.wk.weight", n_kv)):
-            if name in state and state[name].shape == (n * hd, dim):  # other shapes are reported by the caller
-                state[name] = permute_qk(state[name], n, inverse=True)
-    if cfg.get("tie_word_embeddings"):  # HF then ignores lm_head (often not even stored)
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return args, state
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32}
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file: a little-endian u64 header length, a JSON header mapping each name to its
-    dtype, shape and byte range [begin, end) in the data that follows."""
-    tensors = {}
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']} "
-                                 f"(supported: {', '.join(_ST_DTYPES)})")
-            begin, end = info["data_offsets"]
-            f.seek(8 + n + begin)
-            data = bytearray(f.read(end - begin))
-            dtype = _ST_DTYPES[info["dtype"]]
-            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """The inverse of read_safetensors, header padded with spaces to 8 bytes as the reference writer does."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    dtype_names = {v: k for k, v in _ST_DTYPES.items()}
-    for name, w in tensors.items():
-        blob = w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": dtype_names[w.dtype], "shape": list(w.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with open(file, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        f.writelines(blobs)
-
-
-def export_hf(model: Transformer, out_dir) -> None:
-    """Write out_dir/config.json and out_dir/model.safetensors in Hugging Face's LlamaForCausalLM layout."""
-    a, out = model.args, Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_kv = a.n_kv_heads or a.n_heads
-    tensors = {}
-    for name, w in model.state_dict().items():
-        if name.endswith(("wq.weight", "wk.weight")):
-            w = permute_qk(w, a.n_heads if name.endswith("wq.weight") else n_kv)
-        tensors[_hf_name(name)] = w
-    write_safetensors(tensors, out / "model.safetensors")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
-              "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
-              "num_key_value_heads": n_kv, "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
-              "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
-              "tie_word_embeddings": False, "torch_dtype": str(model.output.weight.dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    """Write {"model_args": dict, "model": state_dict} to path atomically (checkpoint.atomic_save): a crash keeps
+    the old file. Anything with .args (a ModelArgs) and .state_dict() can be saved, e.g. reward.RewardModel."""
+    checkpoint.save(asdict(model.args), model.state_dict(), path)

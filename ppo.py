@@ -10,10 +10,13 @@ One PPO iteration, as train.py runs it (the loop owns the optimizer, LR schedule
     if cfg.adaptive_kl:  # kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), made once
         cfg.kl_coef = kl_ctl.update(metrics["kl"], len(prompts))
 
-What it simplifies: one sampled response per prompt; the KL penalty uses the sampled tokens' log-probs (no
-full-vocab KL in the reward, that is only reported); no reward whitening or scaling. The paper's release ran a
-critic-free, REINFORCE-like variant instead (sequence reward decayed by 0.95 per position); this file is the
-standard PPO of Ziegler et al. 2019 / Stiennon et al. 2020 / Ouyang et al. 2022.
+Run it with `python train.py --algo ppo`. The critic is a trainable copy of the reward model (`make_critic` says
+why); the reference is the frozen model at the start of the stage (§2.3).
+
+What it simplifies: one sampled response per prompt; the KL penalty uses the sampled tokens' log-probs (the exact
+full-vocabulary KL is only reported, at the cost of one more forward pass per model); no reward whitening. The
+paper's release ran a critic-free, REINFORCE-like variant instead (sequence reward decayed by 0.95 per position);
+this file is the standard PPO of Ziegler et al. 2019 / Stiennon et al. 2020 / Ouyang et al. 2022.
 
 Shapes: B rollout batch, Tq prompt length (left-padded), Tr response length (right-padded), V vocab, D model dim.
 """

@@ -36,6 +36,7 @@ import ewc as ewc_lib
 import hbat
 import ppo
 import reward
+from checkpoint import atomic_save, atomic_write
 from model import ModelArgs, Transformer, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -56,10 +57,16 @@ PRESETS = {
 PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4)  # §6.2: 3 passes over the prompts, policy lr 3e-4
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, as for every other bad input
+def die(message, code=2):
+    """Bad input ends the run with one line and exit code 2 (a failed run: 1), never a traceback."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
         print(f"train.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        die(message)
 
 
 def get_args(argv=None):
@@ -154,6 +161,10 @@ def check_args(args, p):
         p.error(f"--alignment-tax must be in [0, 1], got {args.alignment_tax}")
     if not 0 <= args.label_smoothing < 0.5:
         p.error(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.ipo and args.label_smoothing:
+        p.error("--label-smoothing applies to DPO only, not with --ipo")
+    if args.algo == "ppo" and "multi-task" in schedules:
+        p.error("--schedule multi-task needs an offline HPA loss: use it with --algo dpo")
     if bool(args.ifa_data) != bool(args.hpa_data):
         p.error("--ifa-data and --hpa-data go together")
     if args.ifa_data and not args.model:
@@ -180,8 +191,8 @@ def setup(args):
     args.rank, args.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     for flag in ("batch_size", "rollout_batch", "minibatch", "pretrain_batch"):
         if getattr(args, flag) % (args.world * args.grad_accum):
-            sys.exit(f"train.py: error: --{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by "
-                     f"world size x --grad-accum = {args.world * args.grad_accum}")
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by world size x --grad-accum "
+                f"= {args.world * args.grad_accum}")
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and args.device.startswith("cuda"))
     # bf16 autocast keeps fp32 master weights; the log-softmax inside model.token_logprobs stays fp32
     args.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -224,8 +235,9 @@ def lr_at(step, total, warmup_share):
 
 def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=None, on_batch=None):
     """Run one stage: for each batch, `on_batch` may turn it into several updates (PPO: epochs x minibatches of a
-    rollout); each update is a micro-batched AdamW step on loss_fn(module, update) + the EWC penalty of the stage.
-    Returns the mean of the logged metrics over the stage."""
+    rollout); each update is a list of --grad-accum micro-batches, and one AdamW step on the sum of their
+    loss_fn(module, micro) + the EWC penalty of the stage.
+    Returns (the mean of the logged metrics over the stage, the number of optimizer steps taken)."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model = Objective(module)
@@ -239,7 +251,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
             for g in opt.param_groups:
                 g["lr"] = lr * lr_at(step, n_steps, args.warmup)
             metrics = {}
-            for i, micro in enumerate(split_micro(update, args.grad_accum)):
+            for i, micro in enumerate(update):
                 # DDP syncs gradients on the last micro-step only; the flag must be set before the forward
                 sync = args.world == 1 or i == args.grad_accum - 1
                 with (nullcontext() if sync else model.no_sync()), args.autocast():
@@ -269,18 +281,12 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
             if on_batch and args.target_kl and metrics.get("approx_kl", 0.0) > args.target_kl:
                 break  # PPO: the policy moved too far from the rollout's; skip the rest of this rollout's updates
     bar.close()
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    return {k: v / max(count, 1) for k, v in sums.items()}, count
 
 
-def split_micro(batch, n):
-    """Split every tensor of a batch (a tuple, possibly nested NamedTuple) into n equal micro-batches along dim 0."""
-    if n == 1:
-        return [batch]
-    parts = [[] for _ in range(n)]
-    for field in batch:
-        for i, chunk in enumerate(field.chunk(n) if torch.is_tensor(field) else [field[i::n] for i in range(n)]):
-            parts[i].append(chunk)
-    return [type(batch)(*p) if hasattr(batch, "_fields") else tuple(p) for p in parts]
+def split_micro(rollout, n):
+    """Split a PPO minibatch (a Rollout, every field (B, ...)) into n micro-batches along dim 0."""
+    return [type(rollout)(*fields) for fields in zip(*(f.chunk(n) for f in rollout))]
 
 
 # -----------------------------------------------------------------------------
@@ -322,15 +328,20 @@ def ppo_loss(cfg):
 
 
 def batches_of(examples, batch_size, epochs, collate, seed, args):
-    """Yield (indices, *collate(examples)) for `epochs` seeded shuffles of `examples`, this rank's shard of a stage's
-    data (each rank owns subset[rank::world] for the whole stage, so cached reference log-probs are per rank too)."""
+    """For `epochs` seeded shuffles of `examples` (this rank's shard of a stage's data: each rank owns
+    subset[rank::world] for the whole stage, so cached reference log-probs are per rank too), yield each batch as a
+    list of --grad-accum micro-batches (indices, *collate(examples)). Micro-batches are collated separately so that
+    a DPO micro-batch keeps each chosen row with its rejected row."""
     g = torch.Generator().manual_seed(seed)
     local = batch_size // args.world
     for _ in range(epochs):
         order = torch.randperm(len(examples), generator=g).tolist()
         for start in range(0, len(order) - local + 1, local):  # drop the ragged last batch: equal steps per rank
             idx = order[start:start + local]
-            yield (torch.tensor(idx),) + tuple(t.to(args.device) for t in collate([examples[i] for i in idx]))
+            micro = len(idx) // args.grad_accum
+            yield [(torch.tensor(idx[j:j + micro]),) + tuple(t.to(args.device) for t in
+                                                             collate([examples[i] for i in idx[j:j + micro]]))
+                   for j in range(0, len(idx), micro)]
 
 
 def n_batches(n_local, batch_size, epochs, args):
@@ -345,15 +356,6 @@ def stage_seed(args, *parts):
     return int(hashlib.sha256(repr((args.seed,) + parts).encode()).hexdigest()[:8], 16)
 
 
-def atomic_write(path, write):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
@@ -363,22 +365,25 @@ RUN_KEYS_IGNORED = {"overwrite", "out", "device", "cache_dir", "rank", "world", 
 
 def check_out_dir(args):
     """Refuse to resume into an --out written by a different configuration (unless --overwrite)."""
-    config = {k: v for k, v in vars(args).items() if k not in RUN_KEYS_IGNORED}
+    config = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RUN_KEYS_IGNORED}))
     path = os.path.join(args.out, "config.json")
+    old = None
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != config:
-            if not args.overwrite:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                sys.exit(f"train.py: error: {args.out} holds a run with other settings ({', '.join(diff)}); "
-                         f"use another --out or --overwrite")
+    barrier(args)  # every rank has read the old config before rank 0 replaces it
+    if old is not None and old != config:
+        if not args.overwrite:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            die(f"{args.out} holds a run with other settings ({', '.join(diff)}); use another --out or --overwrite")
+        if args.rank == 0:
             for name in os.listdir(args.out):
                 if name.endswith((".pt", ".jsonl", ".json")):
                     os.remove(os.path.join(args.out, name))
     if args.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         save_json(path, config)
+    barrier(args)
 
 
 class MetricsLog:
@@ -390,8 +395,15 @@ class MetricsLog:
     def keep_only(self, done):  # done: {schedule: number of completed stages}
         if not (self.on and os.path.exists(self.path)):
             return
+        rows = []
         with open(self.path) as f:
-            rows = [r for r in map(json.loads, f) if r["stage_index"] < done.get(r["schedule"], 0)]
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last row, torn by a kill
+                if r["schedule"] not in done or r["stage_index"] < done[r["schedule"]]:
+                    rows.append(r)
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def write(self, row):
@@ -445,21 +457,20 @@ def base_model(args, tok, corpus, log):
     if not os.path.exists(path):
         torch.manual_seed(args.world_seed)
         model = Transformer(margs).to(args.device)
-        g = torch.Generator().manual_seed(args.world_seed * 1000 + args.rank)  # each rank its own windows
-        local = args.pretrain_batch // args.world
+        g = torch.Generator().manual_seed(args.world_seed)
 
-        def windows():
+        def windows():  # the same global batches whatever the world size: each rank takes its rows of them
             for _ in range(args.pretrain_steps):
-                starts = torch.randint(len(stream) - block - 1, (local,), generator=g)
-                yield torch.stack([stream[s:s + block + 1] for s in starts.tolist()]).to(args.device)
+                starts = torch.randint(len(stream) - block - 1, (args.pretrain_batch,), generator=g)[args.rank::args.world]
+                yield list(torch.stack([stream[s:s + block + 1] for s in starts.tolist()]).to(args.device)
+                           .chunk(args.grad_accum))
 
-        m = optimize(args, model, lm_loss, windows(), args.pretrain_steps, 1e-3, "pretrain",
+        m, _ = optimize(args, model, lm_loss, windows(), args.pretrain_steps, 1e-3, "pretrain",
                      log=lambda step, metrics: log({"schedule": "base", "stage": "pretrain", "stage_index": 0,
                                                     "step": step, **metrics}))
-        tqdm.write(f"pretrained the tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-                   f"final loss {m['loss']:.3f}, cached at {path}")
         if args.rank == 0:
-            os.makedirs(args.cache_dir, exist_ok=True)
+            tqdm.write(f"pretrained the tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                       f"params, final loss {m['loss']:.3f}, cached at {path}")
             save_checkpoint(model, path)
         barrier(args)
     return Transformer.from_pretrained(path).to(args.device)
@@ -485,7 +496,8 @@ def train_reward_model(args, base, hpa_ex, log):
         barrier(args)
     rm = reward.RewardModel.from_pretrained(path).to(args.device).eval().requires_grad_(False)
     acc = reward.pairwise_accuracy(rm, val_ex, args.batch_size, args.device)
-    tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")
+    if args.rank == 0:
+        tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")
     return rm, acc
 
 
@@ -517,7 +529,7 @@ def run_stage(args, stage, model, sets, ewc, rm, log):
     # multi-task (§2.4): pair every IFA batch with an HPA batch, cycling the shorter list
     n = n_batches(len(ifa_local), args.batch_size, stage.epochs, args)
     hpa_list = list(hpa_batches)
-    pairs = ((b, hpa_list[i % len(hpa_list)]) for i, b in
+    pairs = (list(zip(b, hpa_list[i % len(hpa_list)])) for i, b in
              enumerate(batches_of(ifa_local, args.batch_size, stage.epochs, data.ifa_batch, seed, args)))
     return optimize(args, model, make_multi_loss(hpa_loss), pairs, n, args.lr_ifa, stage.name, ewc, log)
 
@@ -528,21 +540,28 @@ def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, seed, log):
     cfg = ppo.PPOConfig(kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // args.world,
                         max_new_tokens=args.max_new_tokens, target_kl=args.target_kl)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    modules = nn.ModuleDict(dict(policy=model, critic=copy.deepcopy(rm).train().requires_grad_(True)))
+    modules = nn.ModuleDict(dict(policy=model, critic=ppo.make_critic(rm)))
     prompts = [ex[0] for ex in hpa_local]
     g = torch.Generator(device=args.device).manual_seed(seed)
     tok = args.tokenizer_obj
 
+    rollouts = []  # per-rollout metrics (score, KL, length, EOS share): the numbers to watch in PPO
+
     def on_batch(batch):
-        rollout, m = ppo.rollout(model, ref_model, modules.critic, rm, [prompts[i] for i in batch[0].tolist()],
+        idx = torch.cat([micro[0] for micro in batch]).tolist()
+        rollout, m = ppo.rollout(model, ref_model, modules.critic, rm, [prompts[i] for i in idx],
                                  cfg, tok.eos_id, tok.pad_id, generator=g)
-        log(-1, {"rollout/" + k: v for k, v in mean_over_ranks(m, args).items()})
-        return [mb for _ in range(cfg.epochs) for mb in ppo.minibatches(rollout, cfg.minibatch_size, g)]
+        rollouts.append({"rollout/" + k: v for k, v in mean_over_ranks(m, args).items()})
+        log(-1, rollouts[-1])
+        return [split_micro(mb, args.grad_accum) for _ in range(cfg.epochs)
+                for mb in ppo.minibatches(rollout, cfg.minibatch_size, g)]
 
     batches = batches_of(list(range(len(prompts))), args.rollout_batch, stage.epochs, lambda ex: (), seed, args)
     n_rollouts = n_batches(len(prompts), args.rollout_batch, stage.epochs, args)
     n = n_rollouts * cfg.epochs * (args.rollout_batch // args.minibatch)
-    return optimize(args, modules, ppo_loss(cfg), batches, n, args.lr_hpa, stage.name, ewc, log, on_batch=on_batch)
+    m, steps = optimize(args, modules, ppo_loss(cfg), batches, n, args.lr_hpa, stage.name, ewc, log,
+                        on_batch=on_batch)
+    return m | {k: sum(r[k] for r in rollouts) / len(rollouts) for k in rollouts[0]}, steps
 
 
 def run_schedule(args, name, base, task, rm, log):
@@ -573,21 +592,25 @@ def run_schedule(args, name, base, task, rm, log):
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)
         try:
-            m = run_stage(args, stage, model, sets, ewc, rm, log_step)
+            m, steps = run_stage(args, stage, model, sets, ewc, rm, log_step)
         except FloatingPointError as e:
-            sys.exit(f"train.py: {name} stopped: {e}; the last good checkpoint is {path}")
+            die(f"{name} stopped: {e}; the last good checkpoint is {path}", code=1)
         if ewc is not None:
             fisher = stage_fisher(args, stage, model, sets) if args.ewc == "original" else None
             ewc.end_stage(stage.kind, model, fisher)
-        step0 += sum(1 for _ in ()) or int(m.pop("_steps", 0))
+        step0 += steps
         history.append({"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "seconds": time.time() - t0,
                         "metrics": m})
-        tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items()
-                                                              if not k.startswith("_")) + f" ({time.time() - t0:.1f}s)")
+        if args.rank == 0:  # where each stage leaves the model: the alignment tax is the IFA score lost by HPA stages
+            score = evaluate.evaluate(model, tok, test, world, args)[0]
+            history[-1]["eval"] = {k: score[k] for k in ("ifa_score", "hpa_score", "no_eos") if k in score}
+        if args.rank == 0:
+            tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
+                       + f" ({time.time() - t0:.1f}s)")
         if args.rank == 0:
             ck = {"model": model.state_dict(), "ewc": ewc.state_dict() if ewc else {}, "history": history,
                   "steps": step0}
-            atomic_write(path, lambda f: torch.save(ck, f))
+            atomic_save(ck, path)
         barrier(args)
     return model, history
 
@@ -616,8 +639,17 @@ def main(argv=None):
     t_start = time.time()
     try:
         tok, ifa_ex, hpa_ex, test, world, corpus = load_task(args)
-    except (data.DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"train.py: error: {e}")
+    except (data.DataError, OSError) as e:
+        die(str(e))
+    smallest = min(len(ifa_ex), len(hpa_ex))
+    if "hbat" not in args.schedules:
+        args.n_splits = 1  # only hbat splits the data
+    if args.n_splits > smallest:
+        die(f"--n-splits {args.n_splits} is larger than the data ({len(ifa_ex)} IFA, {len(hpa_ex)} HPA examples)")
+    batch = max(args.batch_size, args.rollout_batch if args.algo == "ppo" else 0)
+    if smallest // args.n_splits < batch:
+        die(f"--n-splits {args.n_splits} leaves subsets of {smallest // args.n_splits} examples, fewer than one "
+            f"batch of {batch}")
     args.tokenizer_obj = tok
     done = {}
     for name in args.schedules:

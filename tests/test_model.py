@@ -1,5 +1,6 @@
-"""model.py: the forward pass against an independent naive LLaMA, the KV cache against recomputation, padding,
-log-probs against a Python loop, and checkpoint loading in our, Meta's and Hugging Face's layouts.
+"""model.py and checkpoint.py: the forward pass against an independent naive LLaMA, the KV cache against
+recomputation, padding, log-probs against a Python loop, and checkpoint loading in our, Meta's and Hugging Face's
+layouts.
 
 The Meta shards and HF files are written here by code that follows Meta's sharding and HF's converter
 (convert_llama_weights_to_hf.py) directly, so that a loader bug cannot cancel out against a writer bug."""
@@ -13,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (ModelArgs, Transformer, apply_rotary, attention_mask, export_hf, read_safetensors, rotary,
-                   save_checkpoint)
+from checkpoint import atomic_save, export_hf, read_safetensors
+from model import ModelArgs, Transformer, apply_rotary, attention_mask, rotary, save_checkpoint
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=64)
 
@@ -323,6 +324,16 @@ def test_export_hf_round_trip_in_hf_layout(tmp_path):
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[n], expected[n]) for n in expected)
     assert_same_logits(tmp_path / "export", model, torch.randint(0, ARGS.vocab_size, (2, 10)))
+
+
+def test_atomic_save_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "sub" / "ck.pt"
+    atomic_save({"step": 1}, path)
+    atomic_save({"step": 2}, path)
+    assert torch.load(path) == {"step": 2}
+    with pytest.raises(Exception, match="pickle"):  # a lambda cannot be pickled: torch.save fails mid-write
+        atomic_save({"step": 3, "fn": lambda: None}, path)
+    assert torch.load(path) == {"step": 2} and [p.name for p in path.parent.iterdir()] == ["ck.pt"]
 
 
 class WritesMarker:

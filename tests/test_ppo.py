@@ -1,7 +1,5 @@
 """PPO (ppo.py): the pure pieces against loops and hand-worked numbers, then the rollout and a short run."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -208,6 +206,9 @@ def test_rollout_alignment_against_unpadded_forward():
     assert (ro.tokens[:, Tq:] == ro.responses).all() and (ro.pad_mask[:, Tq:] == ro.masks).all()
     for field in (ro.logprobs, ro.ref_logprobs, ro.values, ro.rewards, ro.advantages, ro.returns):
         assert (field[~ro.masks] == 0).all()
+    valid = ro.advantages[ro.masks]                                     # whitened over valid tokens
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert valid.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
     expected_rewards = ppo.token_rewards(ro.scores, (ro.logprobs - ro.ref_logprobs) * ro.masks, ro.masks, 0.3)
     torch.testing.assert_close(ro.rewards, expected_rewards)
     _, m = ppo.ppo_loss(policy, critic, ro, cfg)
@@ -224,6 +225,7 @@ def test_rollout_alignment_against_unpadded_forward():
 
 
 def test_minibatches_cover_every_row_once_per_epoch():
+    """Rows keep their fields together (row i holds i everywhere), every row comes once, the order is shuffled."""
     ro = ppo.Rollout(*([torch.arange(10)[:, None].expand(10, 3)] * 11), torch.arange(10.0))
     seen = torch.cat([mb.scores for mb in ppo.minibatches(ro, 4, torch.Generator().manual_seed(0))])
     assert [len(mb.scores) for mb in ppo.minibatches(ro, 4)] == [4, 4, 2]
@@ -231,7 +233,16 @@ def test_minibatches_cover_every_row_once_per_epoch():
     assert all((mb.tokens[:, 0] == mb.scores.long()).all() for mb in ppo.minibatches(ro, 4))
 
 
+def test_config_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="kl_estimator"):
+        ppo.PPOConfig(kl_estimator="k2")
+    with pytest.raises(ValueError, match="temperature"):
+        ppo.PPOConfig(temperature=0.7)
+
+
 # --- a short run ----------------------------------------------------------------------------------------------
+# On a synthetic task: on the embedded world the policy must first be pretrained and fine-tuned and the reward model
+# trained, minutes on 2 cores; `python train.py --algo ppo` is that run.
 
 class TargetTokenRM(torch.nn.Module):
     """A hand-made reward model: score = share of response tokens equal to `target` (a stand-in for "the RM likes
@@ -250,6 +261,7 @@ class TargetTokenRM(torch.nn.Module):
         return ((tokens == self.target) & mask).sum(1) / mask.sum(1)
 
 
+@pytest.mark.slow
 def test_ppo_updates_raise_the_score_with_bounded_kl():
     """A tiny random policy (vocab 16) starts with the target token at ~1/16 of its response tokens. Eight
     rollouts of 32 prompts, each followed by 2 epochs of 4 minibatches (the loop train.py runs), must raise the
@@ -276,7 +288,7 @@ def test_ppo_updates_raise_the_score_with_bounded_kl():
         ro, _ = ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, 2, 3, generator=g)
         for _ in range(cfg.epochs):
             for mb in ppo.minibatches(ro, cfg.minibatch_size, g):
-                loss, m = ppo.ppo_loss(policy, critic, mb, cfg)
+                loss, _ = ppo.ppo_loss(policy, critic, mb, cfg)
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,156 @@
+"""
+The small-scale study: Hbat against two-stage over seeds, and the ablations of the paper's §4, on the embedded world.
+
+    python study.py --algo dpo --seeds 0 1 2                 # main comparison at c = 0.5 and c = 0, then ablations
+    python study.py --algo ppo --seeds 0 1 2 --only main     # just the main comparison
+    python study.py --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
+
+Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
+and stage by stage). Every ablation is compared with the two-stage run of the same seed and c. Writes
+OUT/STUDY.md (mean ± std over seeds of IFA score, HPA score and the gold win rate against two-stage) and, when
+matplotlib is installed, OUT/curves.png (IFA and HPA scores over training steps, the paper's Figure 5) and
+OUT/sweeps.png (the N and F_max sweeps, its Figure 2).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import world
+
+# (name, extra train.py flags) for each ablation; every one runs the hbat schedule only
+ABLATIONS = (
+    [(f"N={n}", ["--n-splits", str(n)]) for n in (1, 2, 4, 8)]
+    + [(f"F_max={f}", ["--f-max", str(f), "--f-max-ifa", str(f)]) for f in (0, 0.01, 0.03, 0.1, 0.3, 1, 10)]
+    + [(f"ewc={e}", ["--ewc", e]) for e in ("none", "original", "freeze", "random")]
+    + [("norm=softmax(s=1e10)", ["--ewc-norm", "softmax", "--ewc-scale", "1e10"]),
+       ("elementwise", ["--ewc-elementwise"])]
+)
+
+
+def run(args, out, flags):
+    cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset] + flags
+    print(" ".join(cmd), flush=True)
+    if args.dry:
+        return None
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def responses(out, schedule):
+    with open(os.path.join(out, f"{schedule}.responses.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def summarise(rows):
+    """rows: {setting: [(metrics, win rate vs two-stage), one per seed]} -> markdown table."""
+    lines = ["| setting | seeds | IFA score | HPA score | styled | no EOS | win rate vs two-stage |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        ms = [m for m, _ in runs]
+        lines.append(f"| {name} | {len(runs)} | {mean_std([m['ifa_score'] for m in ms])} | "
+                     f"{mean_std([m['hpa_score'] for m in ms])} | {mean_std([m.get('styled') for m in ms])} | "
+                     f"{mean_std([m['no_eos'] for m in ms])} | {mean_std([w for _, w in runs])} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--algo", choices=["dpo", "ppo"], default="dpo")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--taxes", type=float, nargs="+", default=[0.5, 0.0], help="annotator-bias knob c values")
+    p.add_argument("--only", choices=["main", "ablations", "all"], default="all")
+    p.add_argument("--preset", default="default")
+    p.add_argument("--out", default=None, help="default: runs/study_<algo>")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between mid-run evaluations (Figure 5)")
+    p.add_argument("--dry", action="store_true", help="print the commands only")
+    p.add_argument("--quiet", action="store_true", help="hide train.py's output")
+    args = p.parse_args()
+    root = args.out or f"runs/study_{args.algo}"
+    os.makedirs(root, exist_ok=True)
+    table, main_runs = {}, {}
+    for c in args.taxes:
+        for seed in args.seeds:
+            out = f"{root}/main_c{c}_s{seed}"
+            res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule",
+                                  "two-stage,hbat,multi-task", "--eval-every", str(args.eval_every)])
+            if res is None:
+                continue
+            main_runs[(c, seed)] = out
+            for name, r in res["schedules"].items():
+                win = res["win_rates"].get(f"{name}_vs_two-stage")
+                table.setdefault(f"c={c} {name}", []).append((r["metrics"], win))
+            sft = res["schedules"]["two-stage"]["stages"][0]
+            table.setdefault(f"c={c} SFT only (after IFA)", []).append((sft.get("eval", {}), None))
+    if args.only in ("ablations", "all"):
+        c = args.taxes[0]
+        for name, flags in ABLATIONS:
+            for seed in args.seeds:
+                out = f"{root}/abl_{name.replace('=', '').replace('(', '').replace(')', '')}_c{c}_s{seed}"
+                res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule", "hbat"] + flags)
+                if res is None or (c, seed) not in main_runs:
+                    continue
+                test = responses(main_runs[(c, seed)], "two-stage")
+                win = world.win_rate(test, [r["response"] for r in responses(out, "hbat")],
+                                     [r["response"] for r in test])
+                table.setdefault(f"c={c} hbat {name}", []).append((res["schedules"]["hbat"]["metrics"], win))
+    if args.dry:
+        return
+    with open(os.path.join(root, "STUDY.md"), "w") as f:
+        f.write(f"# Study: {args.algo}, seeds {args.seeds}\n\n{summarise(table)}\n")
+    print(summarise(table))
+    plot(root, main_runs, table)
+
+
+def plot(root, main_runs, table):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: tables written, no plots")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (c, seed), out in main_runs.items():
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if '"eval/ifa_score"' in line]
+        for name, style in (("two-stage", "--"), ("hbat", "-")):
+            pts = [(r["step"], r["eval/ifa_score"], r["eval/hpa_score"]) for r in rows if r["schedule"] == name]
+            if pts:
+                steps, ifa, hpa = zip(*pts)
+                axes[0].plot(steps, ifa, style, alpha=0.7, label=f"{name} c={c} s={seed}")
+                axes[1].plot(steps, hpa, style, alpha=0.7, label=f"{name} c={c} s={seed}")
+    for ax, title in zip(axes, ("IFA score (content)", "HPA score (gold reward)")):
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "curves.png"), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, prefix, label in ((axes[0], "N=", "N"), (axes[1], "F_max=", "F_max")):
+        pts = sorted((float(k.split(prefix)[1]), v) for k, v in table.items() if f" {prefix}" in k)
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        for key, name in (("ifa_score", "IFA score"), ("hpa_score", "HPA score")):
+            ys = [statistics.mean(m[key] for m, _ in runs) for _, runs in pts]
+            ax.plot(xs, ys, "o-", label=name)
+        ax.set_xlabel(label)
+        ax.set_xscale("symlog", linthresh=0.01) if label == "F_max" else None
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "sweeps.png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""train.py end to end (STYLE.md principle 16 (d): smoke runs of the real entry point at a tiny size).
+
+Every run is a subprocess (`python train.py ...` or torchrun), so exit codes, stdout and stderr are the real ones.
+All runs share one session cache (--cache-dir), so the tiny base is pretrained once; each gets its own --out.
+Runs use one thread each (OMP_NUM_THREADS=1): at this size threads only fight each other on a shared machine.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from model import ModelArgs, Transformer, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                        "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
+SMOKE = ("--preset", "smoke", "--device", "cpu")
+HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
+               for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
+
+
+def train(*flags, out, cache, launcher=(sys.executable,), timeout=300):
+    cmd = [*launcher, "train.py", *SMOKE, "--out", str(out), "--cache-dir", str(cache), *map(str, flags)]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, \
+        f"exit code {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def one_line_error(proc, code=2):
+    """The contract for bad input: exit code `code`, stderr exactly one line, no traceback. Returns that line."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, f"exit code {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr[-3000:]}"
+    return lines[0]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def snapshot(out):
+    """{file name: bytes} of everything in an --out, to check that a failed run lost or changed nothing."""
+    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))}
+
+
+def comparable(results):
+    """results.json without what legitimately differs between two runs of one command: wall-clock seconds."""
+    r = json.loads(json.dumps(results))
+    r.pop("seconds", None)
+    for s in r["schedules"].values():
+        for stage in s["stages"]:
+            stage.pop("seconds", None)
+    return r
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, cache):
+    """One uninterrupted `train.py --algo ALGO --preset smoke` per algo, shared by the tests that only read it."""
+    runs = {}
+
+    def get(algo):
+        if algo not in runs:
+            out = tmp_path_factory.mktemp(f"smoke-{algo}") / "out"
+            runs[algo] = (out, ok(train("--algo", algo, out=out, cache=cache)))
+        return runs[algo]
+    return get
+
+
+@pytest.fixture(scope="session")
+def custom(tmp_path_factory):
+    """Real-data inputs at a toy size: a random 1-layer model saved with save_checkpoint, a sentencepiece tokenizer
+    next to it (where train.py looks for one), 48 demonstrations (the last 16 are the held-out test prompts) and
+    32 preference pairs as JSONL."""
+    d = tmp_path_factory.mktemp("custom")
+    words = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three", "four"]
+    ifa = [{"prompt": f"say {words[i % 10]} {words[3 * i % 10]}", "response": f"{words[3 * i % 10]} {words[i % 10]}"}
+           for i in range(48)]
+    hpa = [{"prompt": f"name {words[i % 10]}", "chosen": words[i % 10], "rejected": f"{words[(i + 1) % 10]} no"}
+           for i in range(32)]
+    data.save_records(d / "ifa.jsonl", ifa)
+    data.save_records(d / "hpa.jsonl", hpa)
+    tok = data.train_tokenizer([json.dumps(r) for r in ifa + hpa], cache_dir=d / "tok")
+    (d / "model").mkdir()
+    shutil.copy(next((d / "tok").glob("tokenizer-*.model")), d / "model" / "tokenizer.model")
+    torch.manual_seed(0)
+    save_checkpoint(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size,
+                                          multiple_of=16, max_seq_len=128)), d / "model" / "model.pt")
+    return d
+
+
+def custom_flags(d, ifa=None, hpa=None, model=None):
+    return ["--schedule", "two-stage", "--n-splits", "1", "--ifa-data", ifa or d / "ifa.jsonl",
+            "--hpa-data", hpa or d / "hpa.jsonl", "--model", model or d / "model" / "model.pt"]
+
+
+# -----------------------------------------------------------------------------
+# the pipeline end to end
+
+
+@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+def test_smoke_run_writes_results_metrics_and_table(smoke_run, algo):
+    """The default command at smoke size runs both schedules and reports them (issue 7, "Progress and logs")."""
+    out, proc = smoke_run(algo)
+    results = read_json(out / "results.json")
+    assert results["algo"] == algo
+    assert set(results["schedules"]) == {"two-stage", "hbat"}
+    for s in results["schedules"].values():
+        assert {"ifa_score", "hpa_score"} <= set(s["metrics"])
+        assert all(math.isfinite(s["metrics"][k]) for k in ("ifa_score", "hpa_score"))
+    stages = {name: [(st["name"], st["kind"], st["ewc"]) for st in s["stages"]]
+              for name, s in results["schedules"].items()}
+    assert stages["two-stage"] == [("IFA", "ifa", False), ("HPA", "hpa", False)]
+    assert stages["hbat"] == HBAT_STAGES
+    assert 0.0 <= results["win_rates"]["hbat_vs_two-stage"] <= 1.0
+
+    rows = read_rows(out / "metrics.jsonl")
+    logged = {(r["schedule"], r["stage"]) for r in rows}
+    assert {(name, st[0]) for name, sts in stages.items() for st in sts} <= logged  # every stage logged steps
+
+    table = proc.stdout.splitlines()
+    assert any(line.startswith("two-stage ") for line in table)
+    assert any(line.startswith("hbat ") for line in table)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path, cache):
+    """`torchrun --nproc_per_node 2 train.py --algo dpo --preset smoke` (gloo on CPU) runs to the end, and rank 0
+    alone writes and prints: one results.json, one table, one metrics row per step, one summary line per stage."""
+    out = tmp_path / "out"
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    proc = ok(train("--algo", "dpo", out=out, cache=cache, launcher=launcher))
+    results = read_json(out / "results.json")
+    assert set(results["schedules"]) == {"two-stage", "hbat"}
+    assert [st["name"] for st in results["schedules"]["hbat"]["stages"]] == [s[0] for s in HBAT_STAGES]
+    assert {"config.json", "metrics.jsonl", "two-stage.pt", "hbat.pt"} <= set(os.listdir(out))
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert sum(line.startswith("schedule ") for line in proc.stdout.splitlines()) == 1, proc.stdout
+
+    keys = [(r["schedule"], r["stage_index"], r["step"]) for r in read_rows(out / "metrics.jsonl")
+            if "loss" in r]
+    assert len(keys) == len(set(keys)), "a step was logged more than once: more than one rank writes metrics.jsonl"
+    summaries = [line.split()[:2] for line in proc.stdout.splitlines()
+                 if line.lstrip().startswith(("two-stage", "hbat")) and "loss" in line]
+    assert len(summaries) == len({tuple(s) for s in summaries}) == 2 + 8, \
+        f"each stage's summary line should be printed once (rank 0 only):\n{proc.stdout}"
+
+
+@pytest.mark.slow
+def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
+    """--overwrite under torchrun: the old run's files are cleared once, before any rank writes, so neither rank
+    trips over the other (a file already removed, a fresh config.json removed again)."""
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run("dpo")[0], out)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    ok(train("--algo", "dpo", "--schedule", "two-stage", "--seed", "1", "--overwrite", out=out, cache=cache,
+             launcher=launcher))
+    assert read_json(out / "config.json")["seed"] == 1
+    assert set(read_json(out / "results.json")["schedules"]) == {"two-stage"}
+    assert not (out / "hbat.pt").exists()
+
+
+def test_grad_accum_micro_batches_keep_each_pair_together():
+    """--grad-accum n cuts each step's batch into n micro-batches (train.batches_of). A DPO batch is B chosen
+    rows then the same B pairs' rejected rows (data.hpa_batch), so every micro-batch must again be one: its pairs'
+    chosen rows, then the same pairs' rejected rows, in the order of its indices, each pair in exactly one."""
+    import argparse
+    import train
+    B = 4
+    examples = [([1, 10 + i], [20 + i] * (i + 1) + [2], [30 + i, 2]) for i in range(B)]
+    args = argparse.Namespace(world=1, rank=0, grad_accum=2, device="cpu")
+    (micros,) = list(train.batches_of(examples, B, 1, data.hpa_batch, 0, args))
+    assert len(micros) == 2
+
+    def row(t, m, r):  # prompt + answer of one row, without the padding
+        return t[r, :int(m[r].nonzero().max()) + 1].tolist()
+
+    seen = []
+    for m_idx, m_tokens, m_mask in micros:
+        full_tokens, full_mask = data.hpa_batch([examples[i] for i in m_idx.tolist()])
+        n = len(m_idx)
+        assert [row(m_tokens, m_mask, r) for r in range(2 * n)] == \
+            [row(full_tokens, full_mask, r) for r in range(2 * n)]
+        for k, i in enumerate(m_idx.tolist()):  # row k is pair i's chosen answer, row n + k its rejected one
+            assert row(m_tokens, m_mask, k)[-len(examples[i][1]):] == examples[i][1]
+            assert row(m_tokens, m_mask, n + k)[-len(examples[i][2]):] == examples[i][2]
+        seen += m_idx.tolist()
+    assert sorted(seen) == list(range(B))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and resume
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_an_uninterrupted_run(smoke_run, tmp_path, cache):
+    """Run B is the uninterrupted run A's command, SIGKILLed once hbat has checkpointed at least two stages (so both
+    EWC accumulators are in play), then re-run: results.json and the per-step metrics equal A's exactly (CPU)."""
+    out_a, _ = smoke_run("dpo")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", *SMOKE, "--algo", "dpo", "--out", str(out), "--cache-dir", str(cache)]
+    with open(tmp_path / "b.log", "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        done, deadline = 0, time.time() + 300
+        try:
+            while p.poll() is None and time.time() < deadline:
+                if (out / "hbat.pt").exists():
+                    done = len(torch.load(out / "hbat.pt", weights_only=True)["history"])
+                    if done >= 2:
+                        break
+                time.sleep(0.02)
+        finally:
+            p.kill()
+            p.wait()
+    assert 2 <= done < len(HBAT_STAGES), f"no kill mid-schedule (hbat checkpoint had {done} stages)"
+    assert not (out / "results.json").exists(), "the run finished before it was killed"
+
+    ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
+
+    def step_rows(path):  # the base is pretrained (and logged) only by the session's first run
+        return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat")]
+    assert step_rows(out / "metrics.jsonl") == step_rows(out_a / "metrics.jsonl")
+
+
+def test_rerunning_a_finished_run_reproduces_its_results(smoke_run, tmp_path, cache):
+    """Every stage and the reward model are checkpointed, so the same command on a finished PPO --out trains
+    nothing, rewrites the same results.json and leaves the checkpoints and the log (the reward model's and the
+    base's training rows included) as they were: the cheap half of resume."""
+    out_a, _ = smoke_run("ppo")
+    out = tmp_path / "out"
+    shutil.copytree(out_a, out)
+    before = snapshot(out)
+    ok(train("--algo", "ppo", out=out, cache=cache))
+    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
+    after = snapshot(out)
+    for name in ("reward_model.pt", "two-stage.pt", "hbat.pt", "metrics.jsonl"):
+        assert after[name] == before[name], f"{name} changed though nothing was left to run"
+
+
+def test_a_torn_last_metrics_line_does_not_break_resume(smoke_run, tmp_path, cache):
+    """A kill can land in the middle of appending a row to metrics.jsonl. The re-run must still resume (dropping
+    the torn row with the unfinished stage's rows), not die on a JSON error."""
+    out_a, _ = smoke_run("dpo")
+    out = tmp_path / "out"
+    shutil.copytree(out_a, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"schedule": "hbat", "stage": "HPA_4", "stage_ind')
+    ok(train("--algo", "dpo", out=out, cache=cache))
+    assert read_rows(out / "metrics.jsonl") == read_rows(out_a / "metrics.jsonl")
+
+
+def test_reusing_an_out_with_other_settings_is_refused_unless_overwrite(smoke_run, tmp_path, cache):
+    """A different --seed in a used --out: exit 2 and one line naming the setting, the old run untouched. With
+    --overwrite the new run starts afresh there (nothing of the old run is left to mix in)."""
+    out_a, _ = smoke_run("dpo")
+    out = tmp_path / "out"
+    shutil.copytree(out_a, out)
+    before = snapshot(out)
+    line = one_line_error(train("--algo", "dpo", "--seed", "1", out=out, cache=cache))
+    assert "seed" in line and "--overwrite" in line, line
+    assert snapshot(out) == before
+
+    ok(train("--algo", "dpo", "--seed", "1", "--schedule", "two-stage", "--overwrite", out=out, cache=cache))
+    results = read_json(out / "results.json")
+    assert results["config"]["seed"] == 1 and set(results["schedules"]) == {"two-stage"}
+    assert not (out / "hbat.pt").exists() and not (out / "hbat.responses.jsonl").exists()
+    assert {r["schedule"] for r in read_rows(out / "metrics.jsonl")} <= {"two-stage", "base"}
+
+
+# -----------------------------------------------------------------------------
+# failure and bad input: one line, exit code 2, no traceback
+
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+BAD_INPUT = {
+    # case: (flags (a function of the custom-data dir and a scratch dir), what the one line must name)
+    "broken JSONL line": (lambda d, tmp: custom_flags(d, ifa=os.path.join(FIXTURES, "bad_json.jsonl")),
+                          "bad_json.jsonl:2"),
+    "missing field": (lambda d, tmp: custom_flags(d, hpa=os.path.join(FIXTURES, "missing_field.jsonl")), "rejected"),
+    "missing data file": (lambda d, tmp: custom_flags(d, ifa=d / "nowhere.jsonl"), "nowhere.jsonl"),
+    "missing tokenizer": (lambda d, tmp: custom_flags(d, model=shutil.copy(d / "model" / "model.pt", tmp)),
+                          "tokenizer"),  # a model file with no tokenizer.model beside it
+    "--n-splits 0": (lambda d, tmp: ["--n-splits", "0"], "--n-splits"),
+    "unknown --algo": (lambda d, tmp: ["--algo", "sft"], "--algo"),
+    "--f-max -1": (lambda d, tmp: ["--f-max", "-1"], "--f-max"),
+    "--ipo with --label-smoothing": (lambda d, tmp: ["--ipo", "--label-smoothing", "0.1"], "--label-smoothing"),
+    "--n-splits larger than the data": (lambda d, tmp: ["--n-splits", "1000"], "--n-splits"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line(case, custom, tmp_path, cache):
+    flags, named = BAD_INPUT[case]
+    line = one_line_error(train(*flags(custom, tmp_path), out=tmp_path / "out", cache=cache))
+    assert named in line, line
+
+
+def test_bad_data_in_a_used_out_loses_nothing(custom, tmp_path, cache):
+    """A good run, then its demonstrations file gets a broken last line and the same command runs again: exit 2,
+    one line naming the file and line, and every file the good run wrote is still there, byte for byte."""
+    ifa = tmp_path / "ifa.jsonl"
+    shutil.copy(custom / "ifa.jsonl", ifa)
+    out = tmp_path / "out"
+    flags = custom_flags(custom, ifa=ifa)
+    ok(train(*flags, out=out, cache=cache))
+    before = snapshot(out)
+    assert "results.json" in before and "two-stage.pt" in before
+    with open(ifa, "a") as f:
+        f.write('{"prompt": "say red", "response": \n')
+    line = one_line_error(train(*flags, out=out, cache=cache))
+    assert "ifa.jsonl:49" in line, line
+    assert snapshot(out) == before
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache):
+    """--lr-hpa 1e30 blows the weights up on HPA's first step, so its second loss is NaN. The run stops with exit
+    code 1 and a last line naming the schedule, the stage and the step; the IFA checkpoint is intact."""
+    out = tmp_path / "out"
+    proc = train("--algo", "dpo", "--schedule", "two-stage", "--lr-hpa", "1e30", out=out, cache=cache)
+    assert proc.returncode == 1, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "two-stage" in last and "HPA" in last and "step 1" in last and "two-stage.pt" in last, last
+    ckpt = torch.load(out / "two-stage.pt", weights_only=True)
+    assert [st["name"] for st in ckpt["history"]] == ["IFA"]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (out / "results.json").exists()
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
