@@ -203,9 +203,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
         f.writelines(blobs)
 
 
-def export_hf(model, out_dir) -> None:
+def export_hf(model, out_dir, bos_id=1, eos_id=2) -> None:
     """Write a model.Transformer as out_dir/config.json and out_dir/model.safetensors in Hugging Face's
-    LlamaForCausalLM layout, in the weights' dtype."""
+    LlamaForCausalLM layout, in the weights' dtype (the tokenizer's ids go into config.json)."""
     a, state, out = model.args, model.state_dict(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_kv = a.n_kv_heads or a.n_heads
@@ -219,5 +219,6 @@ def export_hf(model, out_dir) -> None:
               "intermediate_size": a.ffn_hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
               "num_key_value_heads": n_kv, "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps,
               "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len, "hidden_act": "silu",
-              "tie_word_embeddings": False, "torch_dtype": str(state["output.weight"].dtype).removeprefix("torch.")}
+              "tie_word_embeddings": False, "torch_dtype": str(state["output.weight"].dtype).removeprefix("torch."),
+              "bos_token_id": bos_id, "eos_token_id": eos_id}
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -48,6 +48,7 @@ class Tokenizer:
     """
 
     def __init__(self, model_proto: bytes, name="tokenizer"):
+        self.model_proto = model_proto  # kept so an exported model can carry its tokenizer.model
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
@@ -112,6 +113,9 @@ TEMPLATES = {
     "cnndm": "Article:\n{article}\n\nTL;DR:",
 }
 HH_ASSISTANT = "\n\nAssistant:"  # HH prompt = everything up to and including the last one (DPO reference code)
+# What ends an answer's turn besides eos, per template: the next turn's marker, which a model trained on these
+# transcripts may go on to write itself. evaluate.py cuts decoded answers at the first one (cut_at_end_of_turn).
+END_OF_TURN = {"hh": ("\n\nHuman:", "\n\nAssistant:"), "alpaca": ("\n\n### Instruction:",)}
 
 # format -> (kind, fields that identify it); detection tries them in this order on the first record
 FORMATS = {
@@ -124,6 +128,15 @@ FORMATS = {
     "hh": ("hpa", {"chosen", "rejected"}),
     "trl_implicit": ("hpa", {"chosen", "rejected"}),
 }
+
+
+def cut_at_end_of_turn(text):
+    """(text before the first END_OF_TURN string, True), or (text, False) when it holds none.
+
+    "Miso.\n\nHuman: And?" -> ("Miso.", True). Every template's markers apply to every answer: a record does not say
+    which template made its prompt, and no answer in one format has reason to write another format's turn marker."""
+    cut = min((i for stops in END_OF_TURN.values() for s in stops if (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def _read_objects(path):

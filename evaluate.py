@@ -3,13 +3,32 @@ Evaluation on held-out prompts: greedy answers, their scores, and the side-by-si
 
 On the embedded world (HBAT.md §6) the gold judge of world.py scores each answer: IFA score (content correctness,
 our analogue of the paper's ROUGE-L), HPA score (mean gold reward, our analogue of its GPT-4 judgement) and,
-between two schedules, the gold win rate. On real data there is no gold judge: ROUGE-L against the references and,
-when a reward model is at hand, its mean score. Either way the broken outputs the DPO/PPO literature warns about
-are counted, not hidden: answers that never emit EOS within the cap, and answers that repeat themselves.
+between two schedules, the gold win rate. On real data there is no gold judge: ROUGE-L against the references for
+the IFA score, and a judge (below) for the HPA score and the win rates. Either way the broken outputs the DPO/PPO
+literature warns about are counted, not hidden: answers that never finish within the cap, and answers that repeat
+themselves.
+
+An answer finishes at EOS or at its template's end of turn (data.END_OF_TURN, e.g. "\n\nHuman:" after an HH prompt).
+
+Judges. On real data the HPA score and the win rates come from a judge: any object with
+`score(records, responses) -> list[float]`, one number per (record, response text), higher is better; `Judge` adds
+`win_rate` (ties count half). The default is a local reward model, `RewardModelJudge`: the run's reward model under
+PPO, or a saved one (`train.py --judge PATH`, e.g. the OUT/reward_model.pt of an earlier PPO run). To plug in
+another judge, subclass Judge and build it where train.py's main() builds `judge` (evaluate(..., judge=) and the win
+rates then use it):
+
+    class LengthJudge(evaluate.Judge):          # or a call to a local LLM, an API, ...
+        def score(self, records, responses):
+            return [-abs(len(y.split()) - 50) for y in responses]
+
+A pairwise judge (GPT-4 comparing two answers, as the paper does) overrides `win_rate` instead.
 """
+import pickle
+
 import torch
 
 import data
+import reward
 import world as gold
 
 EVAL_BATCH = 64
@@ -17,14 +36,24 @@ EVAL_BATCH = 64
 
 @torch.no_grad()
 def respond(model, tok, records, max_new_tokens, max_seq_len):
-    """Greedy answers to the records' prompts: a list of {"ids": new token ids without EOS, "eos": bool}.
-    A prompt keeps its last tokens so that prompt + answer fits max_seq_len, as in training."""
+    """Greedy answers to the records' prompts: a list of {"ids": the answer's token ids, "text": its decoded text,
+    "stop": "eos", "end_of_turn" or None (cut off by max_new_tokens)}. A prompt keeps its last tokens so that prompt +
+    answer fits max_seq_len, as in training.
+
+    The end of turn is applied after the fact: generation runs on to EOS or the cap, and the text is cut at the first
+    data.END_OF_TURN string (what it costs is only the tokens generated past it), the ids at the last token whose text
+    still lies before the cut."""
     prompts = data.encode_prompts(records, tok, max_len=max_seq_len - max_new_tokens)
     out = []
     for i in range(0, len(prompts), EVAL_BATCH):
         for new in model.generate(prompts[i:i + EVAL_BATCH], max_new_tokens, temperature=0.0, eos_id=tok.eos_id):
             eos = bool(new) and new[-1] == tok.eos_id
-            out.append({"ids": new[:-1] if eos else new, "eos": eos})
+            ids = new[:-1] if eos else new
+            text, cut = data.cut_at_end_of_turn(tok.decode(ids))
+            if cut:
+                while ids and not text.startswith(tok.decode(ids)):
+                    ids = ids[:-1]
+            out.append({"ids": ids, "text": text, "stop": "end_of_turn" if cut else "eos" if eos else None})
     return out
 
 
@@ -34,39 +63,90 @@ def repeats(text, n=3):
     return any(len(set(words[i:i + n])) == 1 for i in range(len(words) - n + 1))
 
 
-def evaluate(model, tok, test, world, args, rm=None):
+def evaluate(model, tok, test, world, args, rm=None, judge=None):
     """Answer every test prompt greedily and score the answers. Returns (metrics, rows), one row per prompt.
-    `world` is the embedded world (gold judge) or None for real data."""
+    `world` is the embedded world (its gold judge gives the HPA score) or None for real data, where the judge gives
+    it (pick_judge: `judge`, else `rm`). `rm` (PPO's reward model) also adds its mean score, rm_score."""
     answers = respond(model, tok, test, args.max_new_tokens, args.max_seq_len)
-    responses = [tok.decode(a["ids"]) for a in answers]
+    responses = [a["text"] for a in answers]
     if world is not None:
         scores = gold.evaluate(test, responses)
         metrics = {"ifa_score": scores.pop("ifa"), "hpa_score": scores.pop("hpa"), **scores}
     else:
         metrics = {"ifa_score": sum(gold.rouge_l(y, r["reference"]) for y, r in zip(responses, test)) / len(test)}
+        judge = pick_judge(judge, rm, tok, args.max_seq_len)
+        if judge is not None:
+            metrics["hpa_score"] = mean(judge.score(test, responses))
     if rm is not None:
-        metrics["rm_score"] = rm_scores(rm, tok, test, answers, args.device, args.max_seq_len,
-                                        args.max_new_tokens)
-        if world is None:
-            metrics["hpa_score"] = metrics["rm_score"]
-    metrics["no_eos"] = sum(not a["eos"] for a in answers) / len(answers)
+        metrics["rm_score"] = mean(RewardModelJudge(rm, tok, args.max_seq_len).score(test, responses))
+    metrics["no_eos"] = sum(a["stop"] is None for a in answers) / len(answers)  # neither EOS nor an end of turn
     metrics["repetition"] = sum(map(repeats, responses)) / len(responses)
     metrics["length"] = sum(len(a["ids"]) for a in answers) / len(answers)
-    rows = [{"prompt": r["prompt"], "response": y, "eos": a["eos"], "reference": r.get("reference"),
-             "family": r.get("family")} for r, y, a in zip(test, responses, answers)]
+    rows = [{"prompt": r["prompt"], "response": a["text"], "stop": a["stop"], "reference": r.get("reference"),
+             "family": r.get("family")} for r, a in zip(test, answers)]
     return metrics, rows
 
 
-@torch.no_grad()
-def rm_scores(rm, tok, test, answers, device, max_seq_len, max_new_tokens):
-    """Mean reward-model score of the answers, read at their last token (EOS when present) as in training."""
-    total = 0.0
-    for i in range(0, len(test), EVAL_BATCH):
-        prompts = data.encode_prompts(test[i:i + EVAL_BATCH], tok, max_len=max_seq_len - max_new_tokens)
-        ex = [(p, a["ids"] + [tok.eos_id] * a["eos"]) for p, a in zip(prompts, answers[i:i + EVAL_BATCH])]
-        tokens, mask = data.ifa_batch(ex)
-        total += rm.score(tokens.to(device), mask.to(device)).sum().item()
-    return total / len(test)
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+# -----------------------------------------------------------------------------
+# judges for real data (the module docstring says how to plug in another)
+
+
+class Judge:
+    """score(records, responses) -> list[float], one per pair, higher is better; win_rate from the scores."""
+
+    def score(self, records, responses):
+        raise NotImplementedError
+
+    def win_rate(self, records, responses_a, responses_b):
+        """Share of records where a's response scores higher than b's; ties count half (as world.win_rate)."""
+        if not len(records) == len(responses_a) == len(responses_b) or not records:
+            raise ValueError("win_rate needs one response from each system per record, and at least one record")
+        a, b = self.score(records, responses_a), self.score(records, responses_b)
+        return mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)])
+
+
+class RewardModelJudge(Judge):
+    """A local reward model (reward.RewardModel) as the judge: its score of prompt + response text + EOS, the prompt
+    cut from the left so that both fit max_seq_len, as in training. The response is re-encoded from its text and always
+    read at EOS, where the reward model learned to score: the judge sees the answer as a reader would; whether the
+    model stopped by itself is counted apart (no_eos)."""
+
+    def __init__(self, rm, tok, max_seq_len, batch_size=EVAL_BATCH):
+        if rm.args.vocab_size < tok.vocab_size:
+            raise ValueError(f"the judge's reward model has {rm.args.vocab_size} token ids, fewer than the "
+                             f"tokenizer's {tok.vocab_size}: it was trained with another tokenizer")
+        self.rm, self.tok, self.max_seq_len, self.batch_size = rm, tok, max_seq_len, batch_size
+
+    @torch.no_grad()
+    def score(self, records, responses):
+        device, out = next(self.rm.parameters()).device, []
+        for i in range(0, len(records), self.batch_size):
+            ex = []
+            for r, y in zip(records[i:i + self.batch_size], responses[i:i + self.batch_size]):
+                answer = self.tok.encode(y)[:self.max_seq_len - 3] + [self.tok.eos_id]  # room for bos + a prompt token
+                ex.append((data.encode_prompts([r], self.tok, max_len=self.max_seq_len - len(answer))[0], answer))
+            tokens, mask = data.ifa_batch(ex, self.tok.pad_id)
+            out += self.rm.score(tokens.to(device), mask.to(device)).tolist()
+        return out
+
+
+def pick_judge(judge, rm, tok, max_seq_len):
+    """The judge of real data: the one given (--judge), else the run's reward model (PPO), else None (no HPA score)."""
+    return judge if judge is not None else RewardModelJudge(rm, tok, max_seq_len) if rm is not None else None
+
+
+def load_judge(path, tok, max_seq_len, device):
+    """`--judge PATH`: a reward model saved by reward.save_reward_model (e.g. OUT/reward_model.pt of a PPO run)."""
+    try:
+        rm = reward.RewardModel.from_pretrained(path)
+    except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError):  # not a torch file, or not a reward model
+        raise ValueError(f"--judge {path}: not a reward model saved by reward.save_reward_model (such as "
+                         f"OUT/reward_model.pt of a --algo ppo run)") from None
+    return RewardModelJudge(rm.to(device).eval().requires_grad_(False), tok, max_seq_len)
 
 
 def table(results):

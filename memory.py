@@ -11,7 +11,8 @@ What the lines assume (P parameters, L layers, D dim, F FFN hidden, H heads, K k
 B micro-batch, T seq_len, N = T/2 response tokens; a = 2 bytes under bf16 autocast, 4 in fp32):
 - Training state as train.py keeps it under bf16 autocast: fp32 master weights, fp32 gradients, AdamW's exp_avg and
   exp_avg_sq in the weights' dtype (fp32), and the EWC anchor θ*, one copy of the weights in their dtype (HBAT.md
-  §3.4; held for an hbat stage after the first). With mixed_bf16=False everything is fp32 (train.py --dtype fp32).
+  §3.4; ewc.EWC holds it through every stage of an hbat run). With mixed_bf16=False everything is fp32 (train.py
+  --dtype fp32).
 - Frozen models (DPO's live reference, PPO's reference policy and reward model) are counted in bf16 (fp32 without
   mixed_bf16): they only run under autocast, so a run at this scale casts them.
 - The reward model and PPO's critic (a trainable copy of it, ppo.make_critic) are the trunk, vocabulary head included
@@ -20,8 +21,9 @@ B micro-batch, T seq_len, N = T/2 response tokens; a = 2 bytes under bf16 autoca
   ("Reducing Activation Recomputation in Large Transformer Models", §4.1) count them for GPT, whose 34·D bytes per
   token and layer (16-bit, with dropout masks) become `layer_bytes` here: an fp32 residual stream and norms,
   SwiGLU, autocast's own bf16 copy of the input of each Linear, and SDPA's flash / memory-efficient kernels (no T²
-  scores). tests/test_memory.py checks the count against the tensors autograd actually saves. The head scores only
-  the N response positions (model.token_logprobs). DPO runs chosen and rejected together: 2B sequences.
+  scores). tests/test_memory.py checks the count against the tensors autograd saves on the CPU (CUDA's kernels save
+  the same tensors; memory-efficient attention pads its logsumexp). The head scores only the N response positions
+  (model.token_logprobs). DPO runs chosen and rejected together: 2B sequences.
 - Autocast also keeps a bf16 copy of every Linear weight from the forward to the backward (its weight cache), and
   DDP all-reduces through buckets that hold a second copy of the gradients (gradient_as_bucket_view=False, the
   default train.py uses).
@@ -32,7 +34,8 @@ B micro-batch, T seq_len, N = T/2 response tokens; a = 2 bytes under bf16 autoca
   (rollout) and the activations (update) are never alive together: an upper bound by the smaller of the two.
 
 Simplified: no CUDA context (~0.5-1 GiB), allocator fragmentation, NCCL buffers or AdamW's foreach temporaries; no
-activation checkpointing; the reference log-probs DPO caches are a few floats per pair and are left out.
+activation checkpointing; transients are left out (at the head's backward two fp32 (N, V) gradients, 8·V·N bytes;
+PPO's padding mask, a (B, 1, T, T) bias per layer); so are the few floats per pair of DPO's cached reference.
 """
 import argparse
 import json
@@ -126,12 +129,13 @@ def sequence_bytes(args: ModelArgs, seq_len: int, n_scored: int, mixed_bf16: boo
     """Bytes autograd saves for one sequence of seq_len tokens through model.token_logprobs (the output head on
     n_scored positions only: their hidden rows, in autocast's dtype, and the fp32 log-softmax, (N, V); entropy=True
     adds its exp, as ppo_loss asks) or, with value_head=True, through RewardModel.values (a Linear(D, 1) everywhere).
-    Per token also the final norm and the int64 token id; per scored position three int64 indices."""
+    Per token also the final norm and the int64 token id; per scored position four int64 indices (b, t, t - 1, the
+    gathered token)."""
     a = 2 if mixed_bf16 else 4
     per_token = args.n_layers * layer_bytes(args, mixed_bf16) + (8 * args.dim + 4) + 8
     if value_head:
         return seq_len * (per_token + a * args.dim)
-    per_scored = a * args.dim + 4 * args.vocab_size * (2 if entropy else 1) + 24
+    per_scored = a * args.dim + 4 * args.vocab_size * (2 if entropy else 1) + 32
     return seq_len * per_token + n_scored * per_scored
 
 
@@ -191,8 +195,9 @@ def plan(args: ModelArgs, algo: str, world: int, micro_batch: int, seq_len: int,
     rows += activations
     rows = [(name, b / GiB) for name, b in rows]
     total = sum(g for _, g in rows)
-    setup = (f"{algo.upper()} on {world} GPU{'s' if world > 1 else ''} "
-             f"({'FSDP, training state and frozen models / ' + str(world) if fsdp else 'DDP, nothing sharded'}), "
+    how = (f"FSDP: training state and frozen models / {world}" if fsdp else
+           "DDP: nothing sharded" if world > 1 else "one process")
+    setup = (f"{algo.upper()} on {world} GPU{'s' if world > 1 else ''} ({how}), "
              f"micro-batch {micro_batch} x {seq_len} tokens, {'bf16 autocast' if mixed_bf16 else 'fp32'}"
              + (", live reference" if live_ref and algo == "dpo" else ""))
     return {"params": P, "rows": rows, "total": total, "fits": total <= gpu_gb, "gpu_gb": gpu_gb, "setup": setup}

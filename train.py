@@ -34,9 +34,10 @@ import dpo
 import evaluate
 import ewc as ewc_lib
 import hbat
+import memory
 import ppo
 import reward
-from checkpoint import atomic_save, atomic_write
+from checkpoint import atomic_save, atomic_write, export_hf
 from model import ModelArgs, Transformer, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -134,9 +135,19 @@ def get_args(argv=None):
     a("--rollout-batch", type=int, help="preset: prompts per rollout")
     a("--minibatch", type=int, help="preset: PPO minibatch size")
     a("--target-kl", type=float, default=None, help="PPO: stop an update early when approx KL passes this")
+    a("--kl-target", type=float, default=None, help="PPO: adapt --kl-coef towards this KL per sequence "
+      "(Ziegler et al. 2019); default: a fixed --kl-coef")
     # evaluation
     a("--max-new-tokens", type=int, help="preset: cap on generated tokens (eval and PPO rollouts)")
-    a("--eval-every", type=int, default=0, help="also evaluate every K optimizer steps (0: only at the end)")
+    a("--eval-every", type=int, default=0, help="also evaluate every K optimizer steps (0: after each stage only)")
+    a("--dry-run", action="store_true", help="print the parameter count and memory per GPU of this run (--model "
+      "may also be llama-2-7b/13b/70b) for --gpus GPUs, then exit")
+    a("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="--dry-run: GPUs to plan for")
+    a("--gpu-gb", type=float, default=80.0, help="--dry-run: memory of one GPU in GiB")
+    a("--judge", help="real data: a saved reward model (e.g. OUT/reward_model.pt of a PPO run) that scores the answers "
+      "(hpa_score, win rates); default: the run's reward model under PPO, none under DPO")
+    a("--export-hf", action="store_true", help="also write each aligned model to OUT/<schedule>-hf in the Hugging "
+      "Face LLaMA layout (config.json, model.safetensors, tokenizer.model)")
     args = p.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
@@ -169,9 +180,11 @@ def check_args(args, p):
         p.error("--ifa-data and --hpa-data go together")
     if args.ifa_data and not args.model:
         p.error("--ifa-data/--hpa-data need --model (a tiny base is only pretrained on the embedded world)")
-    for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer"):
+    if args.judge and not args.ifa_data:
+        p.error("--judge applies to --ifa-data/--hpa-data runs (the embedded world has its gold judge)")
+    for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer", "judge"):
         path = getattr(args, flag)
-        if path and not os.path.exists(path):
+        if path and not os.path.exists(path) and not (args.dry_run and path in memory.LLAMA2):
             p.error(f"--{flag.replace('_', '-')}: no such file or directory: {path}")
 
 
@@ -295,7 +308,7 @@ def split_micro(rollout, n):
 
 def lm_loss(model, tokens):
     logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=-1)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     return loss, {"loss": loss.item()}
 
 
@@ -360,7 +373,8 @@ def save_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-RUN_KEYS_IGNORED = {"overwrite", "out", "device", "cache_dir", "rank", "world", "autocast", "eval_every"}
+RUN_KEYS_IGNORED = {"overwrite", "out", "device", "cache_dir", "rank", "world", "autocast", "eval_every", "export_hf",
+                    "dry_run", "gpus", "gpu_gb"}
 
 
 def check_out_dir(args):
@@ -420,11 +434,18 @@ def load_task(args):
     """Tokenizer, tokenised D_IFA / D_HPA, held-out test records, and the judge (the world's gold preference, or
     None for real data)."""
     if args.ifa_data:
-        tok_path = args.tokenizer or os.path.join(args.model if os.path.isdir(args.model) else
-                                                  os.path.dirname(args.model), "tokenizer.model")
-        tok = data.Tokenizer.load(tok_path)
+        model_dir = os.path.abspath(args.model if os.path.isdir(args.model) else os.path.dirname(args.model))
+        # Meta's download keeps tokenizer.model beside the llama-2-7b/ folder, Hugging Face's inside it
+        found = [p for p in (os.path.join(d, "tokenizer.model") for d in (model_dir, os.path.dirname(model_dir)))
+                 if os.path.exists(p)]
+        if not (args.tokenizer or found):
+            raise data.DataError(f"no tokenizer.model in or beside {model_dir}: give --tokenizer")
+        tok = data.Tokenizer.load(args.tokenizer or found[0])
         ifa = data.load_records(args.ifa_data, kind="ifa")
         hpa = data.load_records(args.hpa_data, kind="hpa")
+        if not args.test_data and len(ifa) <= args.n_test:
+            raise data.DataError(f"{args.ifa_data}: {len(ifa)} demonstrations leave none for training after "
+                                 f"--n-test {args.n_test}; lower --n-test or give --test-data")
         test = data.load_records(args.test_data, kind="ifa") if args.test_data else ifa[-args.n_test:]
         ifa = ifa if args.test_data else ifa[:-args.n_test]
         test = [{"prompt": r["prompt"], "reference": r["response"]} for r in test]
@@ -505,7 +526,7 @@ def train_reward_model(args, base, hpa_ex, log):
 # one schedule: walk its stages (hbat.py), one `optimize` each, checkpoint after each
 
 
-def run_stage(args, stage, model, sets, ewc, rm, log):
+def run_stage(args, stage, model, sets, ewc, rm, tok, log):
     """Build the batches and the loss of one stage, then optimize. Returns the stage's mean metrics."""
     ifa_local = sets["ifa"][stage.subset][args.rank::args.world]
     hpa_local = sets["hpa"][stage.subset][args.rank::args.world]
@@ -516,7 +537,7 @@ def run_stage(args, stage, model, sets, ewc, rm, log):
         n = n_batches(len(ifa_local), args.batch_size, stage.epochs, args)
         return optimize(args, model, ifa_loss, batches, n, args.lr_ifa, stage.name, ewc, log)
     if args.algo == "ppo" and stage.kind == "hpa":
-        return run_ppo_stage(args, stage, model, hpa_local, ewc, rm, seed, log)
+        return run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log)
     # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.live_ref else None
     ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa_local, args.batch_size, args.device)
@@ -534,23 +555,27 @@ def run_stage(args, stage, model, sets, ewc, rm, log):
     return optimize(args, model, make_multi_loss(hpa_loss), pairs, n, args.lr_ifa, stage.name, ewc, log)
 
 
-def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, seed, log):
+def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log):
     """§4.2: each batch of prompts becomes a rollout, and each rollout cfg.epochs x minibatches of updates.
     The KL reference is the model at the start of the stage (§2.3); the critic starts from the reward model."""
     cfg = ppo.PPOConfig(kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // args.world,
-                        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl)
+                        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
+                        **(dict(adaptive_kl=True, kl_target=args.kl_target) if args.kl_target else {}))
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     modules = nn.ModuleDict(dict(policy=model, critic=ppo.make_critic(rm)))
     prompts = [ex[0] for ex in hpa_local]
     g = torch.Generator(device=args.device).manual_seed(seed)
-    tok = args.tokenizer_obj
 
+    kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     rollouts = []  # per-rollout metrics (score, KL, length, EOS share): the numbers to watch in PPO
 
     def on_batch(batch):
         idx = torch.cat([micro[0] for micro in batch]).tolist()
-        rollout, m = ppo.rollout(model, ref_model, modules.critic, rm, [prompts[i] for i in idx],
-                                 cfg, tok.eos_id, tok.pad_id, generator=g)
+        with args.autocast():  # the same precision as the update's log-probs, else the first ratio is not 1
+            rollout, m = ppo.rollout(model, ref_model, modules.critic, rm, [prompts[i] for i in idx],
+                                     cfg, tok.eos_id, tok.pad_id, generator=g)
+        if kl_ctl is not None:
+            cfg.kl_coef = kl_ctl.update(m["kl"], len(idx) * args.world)
         rollouts.append({"rollout/" + k: v for k, v in mean_over_ranks(m, args).items()})
         log(-1, rollouts[-1])
         return [split_micro(mb, args.grad_accum) for _ in range(cfg.epochs)
@@ -564,7 +589,7 @@ def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, seed, log):
     return m | {k: sum(r[k] for r in rollouts) / len(rollouts) for k in rollouts[0]}, steps
 
 
-def run_schedule(args, name, base, task, rm, log):
+def run_schedule(args, name, base, task, rm, log, judge=None):
     tok, ifa_ex, hpa_ex, test, world = task
     stages, n = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, use_ewc=args.ewc != "none")
     sets = {"ifa": data.split(ifa_ex, n, args.seed), "hpa": data.split(hpa_ex, n, args.seed)}
@@ -585,14 +610,14 @@ def run_schedule(args, name, base, task, rm, log):
         def log_step(step, m, stage=stage, i=i):
             log({"schedule": name, "stage": stage.name, "stage_index": i, "step": step0 + max(step, 0), **m})
             if args.eval_every and step >= 0 and (step0 + step) % args.eval_every == 0 and args.rank == 0:
-                quick = evaluate.evaluate(model, tok, test[:100], world, args)[0]
+                quick = evaluate.evaluate(model, tok, test[:100], world, args, judge=judge)[0]
                 log({"schedule": name, "stage": stage.name, "stage_index": i, "step": step0 + step,
-                     "eval/ifa_score": quick["ifa_score"], "eval/hpa_score": quick["hpa_score"]})
+                     **{f"eval/{k}": quick[k] for k in ("ifa_score", "hpa_score") if k in quick}})
 
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)
         try:
-            m, steps = run_stage(args, stage, model, sets, ewc, rm, log_step)
+            m, steps = run_stage(args, stage, model, sets, ewc, rm, tok, log_step)
         except FloatingPointError as e:
             die(f"{name} stopped: {e}; the last good checkpoint is {path}", code=1)
         if ewc is not None:
@@ -601,16 +626,14 @@ def run_schedule(args, name, base, task, rm, log):
         step0 += steps
         history.append({"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "seconds": time.time() - t0,
                         "metrics": m})
-        if args.rank == 0:  # where each stage leaves the model: the alignment tax is the IFA score lost by HPA stages
-            score = evaluate.evaluate(model, tok, test, world, args)[0]
-            history[-1]["eval"] = {k: score[k] for k in ("ifa_score", "hpa_score", "no_eos") if k in score}
         if args.rank == 0:
+            # where each stage leaves the model: the alignment tax is the IFA score that HPA stages lose
+            history[-1]["eval"] = evaluate.evaluate(model, tok, test, world, args, judge=judge)[0]
             tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
-                       + f" ({time.time() - t0:.1f}s)")
-        if args.rank == 0:
-            ck = {"model": model.state_dict(), "ewc": ewc.state_dict() if ewc else {}, "history": history,
-                  "steps": step0}
-            atomic_save(ck, path)
+                       + f" | eval ifa {history[-1]['eval']['ifa_score']:.3f} hpa "
+                       f"{history[-1]['eval'].get('hpa_score', float('nan')):.3f} ({time.time() - t0:.1f}s)")
+            atomic_save({"model": model.state_dict(), "ewc": ewc.state_dict() if ewc else {}, "history": history,
+                         "steps": step0}, path)
         barrier(args)
     return model, history
 
@@ -631,15 +654,31 @@ def stage_fisher(args, stage, model, sets):
 # -----------------------------------------------------------------------------
 
 
+def dry_run(args):
+    """Memory per GPU on paper (memory.py) for this run's model, algorithm, batch and dtype, under DDP (what this
+    loop does) and, for comparison, fully sharded."""
+    margs = ModelArgs(**memory.read_params(args.model)) if args.model else ModelArgs(
+        dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, vocab_size=128,
+        multiple_of=16, max_seq_len=args.max_seq_len)
+    micro = max(1, args.batch_size // (args.gpus * args.grad_accum))
+    for fsdp in (False, True):
+        print(memory.format_plan(memory.plan(margs, args.algo, args.gpus, micro, args.max_seq_len,
+                                             mixed_bf16=args.dtype != "fp32", fsdp=fsdp, live_ref=args.live_ref,
+                                             gpu_gb=args.gpu_gb)) + "\n")
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     setup(args)
     check_out_dir(args)
     log = MetricsLog(args)
     t_start = time.time()
     try:
         tok, ifa_ex, hpa_ex, test, world, corpus = load_task(args)
-    except (data.DataError, OSError) as e:
+        judge = evaluate.load_judge(args.judge, tok, args.max_seq_len, args.device) if args.judge else None
+    except (OSError, ValueError) as e:  # data.DataError is a ValueError
         die(str(e))
     smallest = min(len(ifa_ex), len(hpa_ex))
     if "hbat" not in args.schedules:
@@ -650,32 +689,39 @@ def main(argv=None):
     if smallest // args.n_splits < batch:
         die(f"--n-splits {args.n_splits} leaves subsets of {smallest // args.n_splits} examples, fewer than one "
             f"batch of {batch}")
-    args.tokenizer_obj = tok
     done = {}
     for name in args.schedules:
         p = os.path.join(args.out, f"{name}.pt")
         done[name] = len(torch.load(p, weights_only=True)["history"]) if os.path.exists(p) else 0
     log.keep_only(done)
     base = base_model(args, tok, corpus, log.write)
+    if tok.vocab_size > base.args.vocab_size:
+        die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
+            f"--tokenizer does not belong to --model")
     rm, rm_acc = train_reward_model(args, base, hpa_ex, log.write) if args.algo == "ppo" else (None, None)
-    results = {"algo": args.algo, "config": {k: v for k, v in vars(args).items() if k not in RUN_KEYS_IGNORED
-                                             and k != "tokenizer_obj"},
+    judge = evaluate.pick_judge(judge, rm, tok, args.max_seq_len) if world is None else None  # real data's judge
+    results = {"algo": args.algo, "config": {k: v for k, v in vars(args).items() if k not in RUN_KEYS_IGNORED},
                "reward_model_accuracy": rm_acc, "schedules": {}, "win_rates": {}}
     responses = {}
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if args.rank == 0 else True):
-        model, history = run_schedule(args, name, base, (tok, ifa_ex, hpa_ex, test, world), rm, log.write)
+        model, history = run_schedule(args, name, base, (tok, ifa_ex, hpa_ex, test, world), rm, log.write, judge)
         if args.rank == 0:
-            metrics, rows = evaluate.evaluate(model, tok, test, world, args, rm)
+            metrics, rows = evaluate.evaluate(model, tok, test, world, args, rm, judge)
             responses[name] = [r["response"] for r in rows]
             results["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
             with open(os.path.join(args.out, f"{name}.responses.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            if args.export_hf:
+                hf_dir = os.path.join(args.out, f"{name}-hf")
+                export_hf(model, hf_dir, tok.bos_id, tok.eos_id)
+                atomic_write(os.path.join(hf_dir, "tokenizer.model"), lambda f: f.write(tok.model_proto))
     if args.rank == 0:
-        if "two-stage" in responses and world is not None:
+        win_rate = world.win_rate if world is not None else judge.win_rate if judge is not None else None
+        if "two-stage" in responses and win_rate is not None:
             for name in responses:
                 if name != "two-stage":
-                    results["win_rates"][f"{name}_vs_two-stage"] = world.win_rate(test, responses[name],
-                                                                                 responses["two-stage"])
+                    results["win_rates"][f"{name}_vs_two-stage"] = win_rate(test, responses[name],
+                                                                           responses["two-stage"])
         results["seconds"] = time.time() - t_start
         save_json(os.path.join(args.out, "results.json"), results)
         print(evaluate.table(results))

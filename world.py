@@ -1,9 +1,9 @@
 """The embedded alignment world (HBAT.md §6): a task small enough to run the whole Hbat study on a laptop CPU.
 
 `make_world(seed)` generates, from the seed and this code alone:
-- corpus: unlabeled pretraining text. Worked instances of every family in the plain style, so that a tiny base model
-  pretrained on it already knows the tasks (§6.1: a family the base model has not seen is never learned), plus short
-  chat lines that use the style's words, so the style is in the vocabulary but never attached to an answer.
+- corpus: unlabeled pretraining text. Worked instances of every family, so that a tiny base model pretrained on it
+  already knows the tasks (§6.1: a family the base model has not seen is never learned), nearly all in the plain
+  style and a few (`styled_fraction`) in the polite one, plus short chat lines that use the style's words.
 - ifa: demonstrations {prompt, response} in the plain style.
 - hpa: preference pairs {prompt, chosen, rejected} labelled by the hidden gold preference and the annotators' bias.
 - test: held-out {prompt, reference, family}; no test prompt occurs in the corpus, ifa or hpa.
@@ -155,12 +155,14 @@ def _counts(n, mix):
 
 
 def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignment_tax=0.5,
-               pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1):
+               pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05):
     """Generate the world deterministically from `seed` (HBAT.md §6).
 
     alignment_tax: fraction c of the conflict pairs whose annotator prefers a stylish wrong answer to a plain right
     one. pair_mix: relative shares of the (style, content, conflict) pairs. chat_fraction: share of the corpus that
-    is chat lines using the style's words rather than worked task instances.
+    is chat lines using the style's words rather than worked task instances. styled_fraction: share of the corpus's
+    worked instances whose answer is written in the style, as a real base model has met polite answers somewhere in
+    its pretraining text; without any, a sampled answer is never styled and PPO has nothing to reinforce (§6.2).
     """
     if not 0.0 <= alignment_tax <= 1.0:
         raise ValueError(f"alignment_tax must be in [0, 1], got {alignment_tax}")
@@ -172,7 +174,8 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
 
     rng = random.Random(f"{seed}-corpus")
     n_chat = round(n_corpus * chat_fraction)
-    corpus = [f"{p} {r}" for _, p, r, _ in _fresh(rng, n_corpus - n_chat, seen)]
+    corpus = [f"{p} {styled(r) if rng.random() < styled_fraction else r}"
+              for _, p, r, _ in _fresh(rng, n_corpus - n_chat, seen)]
     corpus += [_chat_line(rng) for _ in range(n_chat)]
     rng.shuffle(corpus)
 
@@ -193,7 +196,8 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
             chosen, rejected = rejected, chosen
         hpa.append({"prompt": p, "chosen": chosen, "rejected": rejected, "family": f, "reference": r, "pair": kind})
     config = {"seed": seed, "n_corpus": n_corpus, "n_ifa": n_ifa, "n_hpa": n_hpa, "n_test": n_test,
-              "alignment_tax": alignment_tax, "pair_mix": list(pair_mix), "chat_fraction": chat_fraction}
+              "alignment_tax": alignment_tax, "pair_mix": list(pair_mix), "chat_fraction": chat_fraction,
+              "styled_fraction": styled_fraction}
     return World(corpus, ifa, hpa, test, config)
 
 
