@@ -22,8 +22,9 @@ import world
 
 # (name, extra train.py flags) for each ablation; every one runs the hbat schedule only
 ABLATIONS = (
-    [(f"N={n}", ["--n-splits", str(n)]) for n in (1, 2, 4, 8)]
-    + [(f"F_max={f}", ["--f-max", str(f), "--f-max-ifa", str(f)]) for f in (0, 0.01, 0.03, 0.1, 0.3, 1, 10)]
+    [(f"N={n}", ["--n-splits", str(n)]) for n in (1, 2, 8)]                          # N = 4: the main runs
+    + [(f"F_max={f}", ["--f-max", str(f)]) for f in (0, 0.1, 0.3, 3, 10)]             # HPA stages (IFA's at 10)
+    + [(f"F_max_ifa={f}", ["--f-max-ifa", str(f)]) for f in (0, 1, 100)]              # IFA stages (HPA's at 1)
     + [(f"ewc={e}", ["--ewc", e]) for e in ("none", "original", "freeze", "random")]
     + [("norm=softmax(s=1e10)", ["--ewc-norm", "softmax", "--ewc-scale", "1e10"]),
        ("elementwise", ["--ewc-elementwise"])]
@@ -82,8 +83,9 @@ def main():
     for c in args.taxes:
         for seed in args.seeds:
             out = f"{root}/main_c{c}_s{seed}"
-            res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule",
-                                  "two-stage,hbat,multi-task", "--eval-every", str(args.eval_every)])
+            schedules = "two-stage,hbat,multi-task" if args.algo == "dpo" else "two-stage,hbat"  # multi-task: DPO only
+            res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule", schedules,
+                                  "--eval-every", str(args.eval_every)])
             if res is None:
                 continue
             main_runs[(c, seed)] = out
@@ -138,7 +140,9 @@ def plot(root, main_runs, table):
     fig.savefig(os.path.join(root, "curves.png"), dpi=120)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, prefix, label in ((axes[0], "N=", "N"), (axes[1], "F_max=", "F_max")):
-        pts = sorted((float(k.split(prefix)[1]), v) for k, v in table.items() if f" {prefix}" in k)
+        pts = [(float(k.split(prefix)[1]), v) for k, v in table.items() if f" {prefix}" in k]
+        main_key = next((k for k in table if k.endswith(" hbat")), None)  # the main runs: N = 4, F_max = 1
+        pts = sorted(pts + ([(4.0 if label == "N" else 1.0, table[main_key])] if main_key else []))
         if not pts:
             continue
         xs = [x for x, _ in pts]

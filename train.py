@@ -17,7 +17,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ PRESETS = {
     "default": dict(n_ifa=1200, n_hpa=1200, n_test=300, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                     pretrain_steps=1500, pretrain_batch=64, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                     lr_ifa=2e-4, lr_hpa=2e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
-                    max_new_tokens=40),
+                    max_new_tokens=24),
     # the whole pipeline in seconds, for tests and a first look
     "smoke": dict(n_ifa=64, n_hpa=64, n_test=16, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                   pretrain_steps=30, pretrain_batch=16, batch_size=8, epochs_ifa=1, epochs_hpa=1,
@@ -120,8 +119,9 @@ def get_args(argv=None):
     a("--ewc-norm", choices=["max", "softmax"], default="max", help="normalisation of the importance (§3.3)")
     a("--ewc-scale", type=float, default=1.0, help="s in softmax(s^2 * Omega); the release uses 1e10")
     a("--ewc-elementwise", action="store_true", help="importance per element instead of per tensor (§3.3)")
-    a("--f-max", type=float, default=0.1, help="F_max of HPA stages (largest per-tensor weight)")
-    a("--f-max-ifa", type=float, default=0.1, help="F_max of IFA stages")
+    a("--f-max", type=float, default=1.0, help="F_max of HPA stages: the largest per-tensor weight of the penalty "
+      "that holds what IFA learned (default from the study in README.md)")
+    a("--f-max-ifa", type=float, default=10.0, help="F_max of IFA stages: holds what HPA learned (the release: 100)")
     a("--ewc-lambda", type=float, default=1.0, help="lambda inside the square of the penalty (§3.3)")
     # DPO (HBAT.md §4.1)
     a("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
@@ -540,7 +540,8 @@ def run_stage(args, stage, model, sets, ewc, rm, tok, log):
         return run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log)
     # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.live_ref else None
-    ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa_local, args.batch_size, args.device)
+    with args.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
+        ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa_local, args.batch_size, args.device)
     hpa_loss = make_dpo_loss(args, ref_logps, ref_model)
     hpa_batches = batches_of(hpa_local, args.batch_size, args.epochs_hpa if stage.kind == "multi" else stage.epochs,
                              data.hpa_batch, seed + 1, args)
