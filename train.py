@@ -253,6 +253,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
     Returns (the mean of the logged metrics over the stage, the number of optimizer steps taken)."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    policy = module.policy if isinstance(module, nn.ModuleDict) else module  # PPO also trains a critic: no EWC on it
     model = Objective(module)
     if args.world > 1:
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -270,7 +271,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
                 with (nullcontext() if sync else model.no_sync()), args.autocast():
                     loss, m = model(loss_fn, micro)
                     if ewc is not None and ewc.active:
-                        penalty = ewc.penalty(module if not hasattr(module, "policy") else module.policy)
+                        penalty = ewc.penalty(policy)
                         loss = loss + penalty
                         m["ewc_penalty"] = penalty.item()
                 if not torch.isfinite(loss):
@@ -282,7 +283,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ewc is not None:
-                ewc.after_step(module if not hasattr(module, "policy") else module.policy)
+                ewc.after_step(policy)
             metrics = mean_over_ranks(metrics, args)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
