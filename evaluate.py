@@ -96,10 +96,8 @@ def mean(xs):
 
 
 class Judge:
-    """score(records, responses) -> list[float], one per pair, higher is better; win_rate from the scores."""
-
-    def score(self, records, responses):
-        raise NotImplementedError
+    """The base of judges: a subclass defines score(records, responses) -> list[float], one number per pair, higher is
+    better; win_rate compares two systems with those scores."""
 
     def win_rate(self, records, responses_a, responses_b):
         """Share of records where a's response scores higher than b's; ties count half (as world.win_rate)."""
