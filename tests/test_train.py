@@ -349,3 +349,39 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cac
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not (out / "results.json").exists()
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_grad_accum_takes_the_same_step_as_one_big_batch():
+    """One optimizer step on a batch cut into 2 micro-batches of a DPO loss moves the weights exactly as one step on
+    the whole batch (the loss is a mean over pairs, each micro-batch holds half of them, and each is divided by 2)."""
+    import argparse
+    from contextlib import nullcontext
+    import dpo
+    import train
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, multiple_of=8,
+                                 max_seq_len=32))
+    g = torch.Generator().manual_seed(1)
+    examples = [([1] + torch.randint(4, 40, (3,), generator=g).tolist(),
+                 torch.randint(4, 40, (1 + i % 3,), generator=g).tolist() + [2],
+                 torch.randint(4, 40, (2,), generator=g).tolist() + [2]) for i in range(8)]
+    ref = dpo.reference_logps(base, examples, 8, "cpu")
+
+    def loss_fn(model, batch):
+        idx, tokens, mask = batch
+        return dpo.dpo_step_loss(model, tokens, mask, ref[idx], beta=0.5)
+
+    after = []
+    for accum in (1, 2):
+        args = argparse.Namespace(world=1, rank=0, grad_accum=accum, device="cpu", warmup=0.0, grad_clip=1e9,
+                                  autocast=nullcontext, target_kl=None)
+        model = __import__("copy").deepcopy(base)
+        batches = list(train.batches_of(examples, 8, 1, data.hpa_batch, 0, args))
+        assert len(batches) == 1 and len(batches[0]) == accum
+        train.optimize(args, model, loss_fn, batches, 1, 1e-2, "dpo")
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    moved = (after[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max()
+    assert moved > 5e-3  # Adam's first step moves each weight by about lr = 1e-2
+    # Adam divides by |g|, so a weight whose gradient is ~0 can turn rounding noise into a visible step: allow 1% of lr
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-4)
