@@ -74,11 +74,10 @@ def evaluate(model, tok, test, world, args, rm=None, judge=None):
         metrics = {"ifa_score": scores.pop("ifa"), "hpa_score": scores.pop("hpa"), **scores}
     else:
         metrics = {"ifa_score": sum(gold.rouge_l(y, r["reference"]) for y, r in zip(responses, test)) / len(test)}
-        judge = pick_judge(judge, rm, tok, args.max_seq_len)
-        if judge is not None:
-            metrics["hpa_score"] = mean(judge.score(test, responses))
     if rm is not None:
         metrics["rm_score"] = mean(RewardModelJudge(rm, tok, args.max_seq_len).score(test, responses))
+    if world is None and (judge is not None or rm is not None):  # pick_judge's order: --judge, else the run's RM
+        metrics["hpa_score"] = mean(judge.score(test, responses)) if judge is not None else metrics["rm_score"]
     metrics["no_eos"] = sum(a["stop"] is None for a in answers) / len(answers)  # neither EOS nor an end of turn
     metrics["repetition"] = sum(map(repeats, responses)) / len(responses)
     metrics["length"] = sum(len(a["ids"]) for a in answers) / len(answers)

@@ -606,13 +606,14 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
         if ewc is not None:
             ewc.load_state_dict(ckpt["ewc"])
     history, step0 = (ckpt["history"], ckpt["steps"]) if ckpt else ([], 0)
+    last_eval = None  # (metrics, rows) of the last stage run here: the schedule's final evaluation
     for i in range(len(history), len(stages)):
         stage, t0 = stages[i], time.time()
 
         def log_step(step, m, stage=stage, i=i):
             log({"schedule": name, "stage": stage.name, "stage_index": i, "step": step0 + max(step, 0), **m})
             if args.eval_every and step >= 0 and (step0 + step) % args.eval_every == 0 and args.rank == 0:
-                quick = evaluate.evaluate(model, tok, test[:100], world, args, judge=judge)[0]
+                quick = evaluate.evaluate(model, tok, test[:100], world, args, rm, judge)[0]
                 log({"schedule": name, "stage": stage.name, "stage_index": i, "step": step0 + step,
                      **{f"eval/{k}": quick[k] for k in ("ifa_score", "hpa_score") if k in quick}})
 
@@ -630,14 +631,15 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
                         "metrics": m})
         if args.rank == 0:
             # where each stage leaves the model: the alignment tax is the IFA score that HPA stages lose
-            history[-1]["eval"] = evaluate.evaluate(model, tok, test, world, args, judge=judge)[0]
+            last_eval = evaluate.evaluate(model, tok, test, world, args, rm, judge)
+            history[-1]["eval"] = last_eval[0]
             tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
                        + f" | eval ifa {history[-1]['eval']['ifa_score']:.3f} hpa "
                        f"{history[-1]['eval'].get('hpa_score', float('nan')):.3f} ({time.time() - t0:.1f}s)")
             atomic_save({"model": model.state_dict(), "ewc": ewc.state_dict() if ewc else {}, "history": history,
                          "steps": step0}, path)
         barrier(args)
-    return model, history
+    return model, history, last_eval
 
 
 def stage_fisher(args, stage, model, sets):
@@ -701,14 +703,14 @@ def main(argv=None):
         die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
             f"--tokenizer does not belong to --model")
     rm, rm_acc = train_reward_model(args, base, hpa_ex, log.write) if args.algo == "ppo" else (None, None)
-    judge = evaluate.pick_judge(judge, rm, tok, args.max_seq_len) if world is None else None  # real data's judge
     results = {"algo": args.algo, "config": {k: v for k, v in vars(args).items() if k not in RUN_KEYS_IGNORED},
                "reward_model_accuracy": rm_acc, "schedules": {}, "win_rates": {}}
     responses = {}
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if args.rank == 0 else True):
-        model, history = run_schedule(args, name, base, (tok, ifa_ex, hpa_ex, test, world), rm, log.write, judge)
-        if args.rank == 0:
-            metrics, rows = evaluate.evaluate(model, tok, test, world, args, rm, judge)
+        model, history, last_eval = run_schedule(args, name, base, (tok, ifa_ex, hpa_ex, test, world), rm, log.write,
+                                                 judge)
+        if args.rank == 0:  # a schedule finished by an earlier run is evaluated again: its answers were not kept
+            metrics, rows = last_eval or evaluate.evaluate(model, tok, test, world, args, rm, judge)
             responses[name] = [r["response"] for r in rows]
             results["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
             with open(os.path.join(args.out, f"{name}.responses.jsonl"), "w") as f:
@@ -718,6 +720,7 @@ def main(argv=None):
                 export_hf(model, hf_dir, tok.bos_id, tok.eos_id)
                 atomic_write(os.path.join(hf_dir, "tokenizer.model"), lambda f: f.write(tok.model_proto))
     if args.rank == 0:
+        judge = evaluate.pick_judge(judge, rm, tok, args.max_seq_len)  # real data: --judge, else the run's RM
         win_rate = world.win_rate if world is not None else judge.win_rate if judge is not None else None
         if "two-stage" in responses and win_rate is not None:
             for name in responses:
