@@ -5,6 +5,7 @@
     python bench.py --threads 2 --pairs 15            # both cores (targets: training >= 1.1x, generation >= 3x)
     python bench.py --config small --pairs 3          # dim 512, 8 layers, vocab 32000 (58M params, slow on CPU)
     python bench.py --profile                         # top ops of a training step and a generate call, each side
+    python bench.py --compile                         # ours with every block compiled (train.py --compile)
 
 What it measures, each on random weights (speed does not depend on what they hold):
   train     one step, forward + backward + AdamW on a batch of 8 x 256 tokens, next-token cross-entropy at every
@@ -33,7 +34,6 @@ allocated before the call; on CPU (Linux) the growth of the resident set's high-
 The CPU figure includes allocator slack, so compare it between contenders rather than read it as tensor bytes.
 """
 import argparse
-import copy
 import ctypes
 import resource
 import statistics
@@ -64,6 +64,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
     p.add_argument("--pairs", type=int, default=10, help="timed rounds per measurement (after one warm-up each)")
+    p.add_argument("--compile", action="store_true", help="compile each of our blocks, as train.py --compile does "
+                   "(compilation happens in the untimed warm-up calls and is reported apart)")
     p.add_argument("--no-reference", action="store_true", help="time ours only, even if transformers is importable")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile 2 training steps and 1 generate call of each side")
@@ -206,7 +208,12 @@ def dpo_fns(model, args, device):
     ref_logps = dpo.reference_logps(model, examples, args.batch // 2, device)  # once per HPA stage in training
     sync(device)
     print(f"dpo.reference_logps for the batch: {(time.perf_counter() - start) * 1e3:.0f} ms, once per stage")
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_model = Transformer(model.args).to(device)  # not a deepcopy: compiled blocks would share their code
+    ref_model.load_state_dict(model.state_dict())
+    ref_model.eval().requires_grad_(False)
+    if args.compile:
+        for layer in ref_model.layers:
+            layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def step(**ref):
@@ -282,6 +289,15 @@ def main():
 
     tokens = torch.randint(0, V, (args.batch, args.seq_len + 1), device=device)
     prompts = torch.randint(0, V, (args.batch, args.prompt_len), device=device)
+    if args.compile:
+        for layer in model.layers:
+            layer.compile()
+        start = time.perf_counter()
+        F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        model.zero_grad(set_to_none=True)
+        model.generate(prompts.tolist(), args.new_tokens)
+        sync(device)
+        print(f"compiling our blocks for training and generation: {time.perf_counter() - start:.1f} s (untimed)")
     train = {"ours": train_step_fn(model, model.parameters(), tokens)}
     generate = {"ours": lambda: model.generate(prompts.tolist(), args.new_tokens)}
     if hf is not None:

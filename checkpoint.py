@@ -203,10 +203,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
         f.writelines(blobs)
 
 
-def export_hf(model, out_dir, bos_id=1, eos_id=2) -> None:
+def export_hf(model, out_dir, bos_id=1, eos_id=2, state=None) -> None:
     """Write a model.Transformer as out_dir/config.json and out_dir/model.safetensors in Hugging Face's
-    LlamaForCausalLM layout, in the weights' dtype (the tokenizer's ids go into config.json)."""
-    a, state, out = model.args, model.state_dict(), Path(out_dir)
+    LlamaForCausalLM layout, in the weights' dtype (the tokenizer's ids go into config.json). `state` replaces
+    model.state_dict(), e.g. the gathered weights of a sharded model, or a copy in another dtype."""
+    a, out = model.args, Path(out_dir)
+    state = model.state_dict() if state is None else state
     out.mkdir(parents=True, exist_ok=True)
     n_kv = a.n_kv_heads or a.n_heads
     tensors = {}

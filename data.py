@@ -139,6 +139,16 @@ def cut_at_end_of_turn(text):
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def cut_ids_at_end_of_turn(ids, tok):
+    """(ids, text, cut): an answer's token ids and text up to its first END_OF_TURN string (cut True), or all of
+    them (cut False). The ids keep the tokens whose text lies wholly before the marker."""
+    text, cut = cut_at_end_of_turn(tok.decode(ids))
+    if cut:
+        while ids and not text.startswith(tok.decode(ids)):
+            ids = ids[:-1]
+    return ids, text, cut
+
+
 def _read_objects(path):
     """[(where, obj)] from a JSON array or JSON lines file, gzipped or not; `where` is "path:N" (line N) or
     "path: record N" (in an array)."""

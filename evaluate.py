@@ -49,10 +49,7 @@ def respond(model, tok, records, max_new_tokens, max_seq_len):
         for new in model.generate(prompts[i:i + EVAL_BATCH], max_new_tokens, temperature=0.0, eos_id=tok.eos_id):
             eos = bool(new) and new[-1] == tok.eos_id
             ids = new[:-1] if eos else new
-            text, cut = data.cut_at_end_of_turn(tok.decode(ids))
-            if cut:
-                while ids and not text.startswith(tok.decode(ids)):
-                    ids = ids[:-1]
+            ids, text, cut = data.cut_ids_at_end_of_turn(ids, tok)
             out.append({"ids": ids, "text": text, "stop": "end_of_turn" if cut else "eos" if eos else None})
     return out
 

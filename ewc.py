@@ -17,17 +17,26 @@ Element-wise importance (an ablation, §3.3 "Granularity"): the same functions t
 of tensors, keeping Ω per element and normalising over all elements of all tensors. Importance is keyed by the
 names of `model.named_parameters()`; only parameters with requires_grad take part.
 
-Simplified: one process's view. Under DDP pass the unwrapped module (every rank holds its own anchor); FSDP would
-need the anchor and F sharded like the parameters, which this file does not do.
+Distributed: under DDP pass the unwrapped module; every rank holds the whole anchor. Under FSDP (train.py --fsdp)
+every parameter is a DTensor of which each rank holds a shard: the anchor is cloned from the parameters and so is
+sharded the same way, the penalty is computed on each rank's shards (`local`), and Ω's per-tensor sums are added
+over ranks. Element-wise importance and original EWC keep per-element state on the CPU and are one-process only.
 """
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 METHODS = ("modified", "original", "none", "freeze", "random")
 
 
 def trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP parameter (a DTensor); any other tensor as it is. Differentiable."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # -----------------------------------------------------------------------------
@@ -39,8 +48,13 @@ def parameter_change(before: dict[str, Tensor], after: dict[str, Tensor], elemen
     Example: before {"w": [0, 0]}, after {"w": [1, 3]} gives {"w": 5.0}. With elementwise=True the squares are
     returned as fp32 tensors of each parameter's shape instead of their means ({"w": tensor([1., 9.])}).
     """
-    change = {n: (after[n].float() - before[n].float()).square() for n in before}
-    return change if elementwise else {n: c.mean().item() for n, c in change.items()}
+    change = {n: (local(after[n]).float() - local(before[n]).float()).square() for n in before}
+    if elementwise:
+        return change
+    sums = torch.stack([c.sum() for c in change.values()]) if change else torch.zeros(0)
+    if any(isinstance(t, DTensor) for t in before.values()):
+        dist.all_reduce(sums)  # FSDP: each rank summed its shards; the mean is over the whole tensor
+    return {n: s / before[n].numel() for n, s in zip(change, sums.tolist())}
 
 
 def normalise(importance: dict, f_max: float, norm="max", scale=1.0) -> dict:
@@ -95,9 +109,11 @@ def ewc_penalty(model: nn.Module, anchor: dict[str, Tensor], weights: dict, lam:
     """L_EWC = Σ_n weights[n] · Σ_elements (λ · (θ_n − anchor[n]))² over the trainable parameters named in
     `weights` (§3.3, λ inside the square as released). weights[n] is a float (per tensor) or a tensor shaped like
     θ_n (element-wise / Fisher). Returns an fp32 scalar; its gradient is 2·weights[n]·λ²·(θ_n − anchor[n]).
+    Under FSDP it is the part of L_EWC on this rank's shards: the ranks' parts sum to L_EWC, and the gradient of
+    each part is the exact gradient of L_EWC on that rank's shards (no averaging over ranks applies to it).
     """
     params = {n: p for n, p in trainable(model).items() if n in weights}
-    terms = [_WeightedSquaredDistance.apply(p, anchor[n], weights[n]) for n, p in params.items()]
+    terms = [_WeightedSquaredDistance.apply(local(p), local(anchor[n]), weights[n]) for n, p in params.items()]
     return lam**2 * torch.stack(terms).sum()                                          # §3.3 L_EWC
 
 

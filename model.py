@@ -150,8 +150,17 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.checkpointing = False
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
+        if self.checkpointing and torch.is_grad_enabled():
+            # keep only the block's input; backward runs the block again: one more forward, about a third more
+            # compute, for activations of one (B, T, D) tensor per block instead of all its intermediates. Inside
+            # forward, so that the recomputation runs where FSDP has gathered (and cast) this block's weights
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache, start)
+
+    def _forward(self, x, cos, sin, mask, cache=None, start=0):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -175,6 +184,16 @@ class Transformer(nn.Module):
         for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
             x = layer(x, cos, sin, mask, cache, start)
         return self.norm(x)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Activation checkpointing of every block in training (train.py --activation-checkpointing)."""
+        return self.layers[0].checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on: bool):
+        for layer in self.layers:
+            layer.checkpointing = on
 
     def hidden(self, tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) long -> final-normed hidden states (B, T, D), for the output head or a scalar head.

@@ -287,11 +287,14 @@ def eval_mode(*models):
 
 
 @torch.no_grad()
-def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator=None):
+def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator=None, end_of_turn=None):
     """One rollout batch (§4.2) for prompts (list of B id lists, each bos + prompt). Returns (Rollout, metrics).
 
     ref_model is the frozen model at the start of the stage (§2.3); critic has the reward model's interface
     (`values(tokens, pad_mask) -> (B, T)`); generator is the torch.Generator of the sampling (on the policy's device).
+    end_of_turn (real data): ids -> the ids before the prompt template's end-of-turn marker ("\n\nHuman:") when
+    the answer wrote one, else None. Such an answer ends there, closed with EOS: the reward model was trained on
+    answers that end in EOS, and the policy learns to end its turn with EOS rather than to write the next one.
     """
     device = next(policy.parameters()).device
     with eval_mode(policy, ref_model, critic, reward_model):
@@ -301,6 +304,8 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
                                   generator=generator)
         if min(map(len, sampled)) == 0:
             raise ValueError("a prompt leaves no room for a response within max_seq_len")
+        cuts = [end_of_turn(r[:-1] if r[-1] == eos_id else r) if end_of_turn else None for r in sampled]
+        sampled = [r if cut is None else cut + [eos_id] for r, cut in zip(sampled, cuts)]
         queries, responses, tokens, pad_mask, masks = collate(prompts, sampled, pad_id, device)
         # 2. Score at the last response token; an answer that never ended gets eos_penalty instead.
         has_eos = torch.tensor([r[-1] == eos_id for r in sampled], device=device)
@@ -327,7 +332,8 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
         "kl_true": kl_full.sum(1).mean().item(),                       # per sequence, exact over the vocabulary
         "entropy": masked_mean(entropy, masks).item(),                 # per token
         "length": masks.sum(1).float().mean().item(),
-        "eos_share": has_eos.float().mean().item(),
+        "eos_share": has_eos.float().mean().item(),                    # end-of-turn answers included
+        "end_of_turn_share": sum(cut is not None for cut in cuts) / len(cuts),
         "explained_variance": explained_variance(values, returns, masks),
         "kl_coef": cfg.kl_coef,
     }

@@ -20,14 +20,19 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dpo
 import evaluate
@@ -37,7 +42,7 @@ import memory
 import ppo
 import reward
 from checkpoint import atomic_save, atomic_write, export_hf
-from model import ModelArgs, Transformer, save_checkpoint
+from model import ModelArgs, Transformer
 
 # -----------------------------------------------------------------------------
 # flags. Those marked "preset" take their value from --preset unless given.
@@ -82,6 +87,12 @@ def get_args(argv=None):
     a("--seed", type=int, default=0, help="training seed: splits, shuffles, heads, sampling")
     a("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     a("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    a("--fsdp", action="store_true", help="under torchrun, shard every model over the ranks (FSDP2 fully_shard: "
+      "weights, gradients, AdamW state and the EWC anchor take 1/world each) instead of DDP's full copies")
+    a("--compile", action="store_true", help="torch.compile each transformer block (pays off for long runs: the "
+      "first steps of every new shape compile)")
+    a("--activation-checkpointing", action="store_true", help="recompute each block in backward instead of keeping "
+      "its activations: about a third more compute for much less memory")
     a("--cache-dir", default=os.path.expanduser("~/.cache/hbat"), help="where the tokenizer and tiny base are cached")
     # data: the embedded world (HBAT.md §6) unless files are given
     a("--ifa-data", help="IFA demonstrations (JSONL prompt/response, or Alpaca/TL;DR files)")
@@ -182,6 +193,11 @@ def check_args(args, p):
         p.error("--ifa-data/--hpa-data need --model (a tiny base is only pretrained on the embedded world)")
     if args.judge and not args.ifa_data:
         p.error("--judge applies to --ifa-data/--hpa-data runs (the embedded world has its gold judge)")
+    if args.fsdp and not args.dry_run:
+        if "RANK" not in os.environ:
+            p.error("--fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 train.py --fsdp ...")
+        if args.ewc == "original" or args.ewc_elementwise:
+            p.error("--fsdp supports per-tensor importance only: not with --ewc original or --ewc-elementwise")
     for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer", "judge"):
         path = getattr(args, flag)
         if path and not os.path.exists(path) and not (args.dry_run and path in memory.LLAMA2):
@@ -195,20 +211,21 @@ def check_args(args, p):
 def setup(args):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1 or args.fsdp
     if ddp:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     args.rank, args.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    args.evaluates = args.rank == 0 or args.fsdp  # under FSDP every rank takes part in generating
     for flag in ("batch_size", "rollout_batch", "minibatch", "pretrain_batch"):
         if getattr(args, flag) % (args.world * args.grad_accum):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by world size x --grad-accum "
                 f"= {args.world * args.grad_accum}")
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and args.device.startswith("cuda"))
+    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and args.device.startswith("cuda"))
     # bf16 autocast keeps fp32 master weights; the log-softmax inside model.token_logprobs stays fp32
-    args.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+    args.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 else nullcontext
 
 
 def barrier(args):
@@ -222,6 +239,75 @@ def mean_over_ranks(metrics, args):
     t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=args.device)
     dist.all_reduce(t)
     return dict(zip(metrics, (t / args.world).tolist()))
+
+
+# Every model a run trains or consults is placed by `place`. With --fsdp it is sharded over the ranks (fully_shard
+# on each transformer block, then on the whole), so a GPU holds 1/world of its weights, gradients, AdamW moments and
+# EWC anchor (memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict()
+# holds shards: hence the helpers below, each of which is the plain one-liner it stands for when --fsdp is off.
+
+
+def place(args, module):
+    """A fresh, unsharded module onto the device, with --compile and --activation-checkpointing applied; with
+    --fsdp, sharded over the ranks there."""
+    trunk = module.trunk if isinstance(module, reward.RewardModel) else module
+    trunk.checkpointing = args.activation_checkpointing
+    if args.compile:
+        for layer in trunk.layers:
+            layer.compile()  # per block, in place (FSDP's gathers stay outside the compiled code)
+    if not args.fsdp:
+        return module.to(args.device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32)
+    for layer in trunk.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    for method in ("hidden", "token_logprobs", "generate", "values", "score"):
+        if hasattr(module, method):  # entry points besides forward(): they too gather the root's weights first
+            register_fsdp_forward_method(module, method)
+    return module
+
+
+def copy_of(args, module, fresh):
+    """An independent copy of `module` (a placed one cannot be deep-copied: FSDP forbids it, compiled blocks would
+    share code with the original); fresh() builds an unplaced module of the same shape."""
+    new = place(args, fresh())
+    new.load_state_dict(module.state_dict())  # under FSDP shard by shard: both are laid out over the same ranks
+    return new
+
+
+def full_state(args, module):
+    """The whole state_dict, for saving (under FSDP every rank must call this; only rank 0 gets it, on the CPU)."""
+    if not args.fsdp:
+        return module.state_dict()
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(args, module, state):
+    if args.fsdp:
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(state)
+
+
+@contextmanager
+def gathered(args, model):
+    """Generation under FSDP: every block keeps its weights gathered after its first use, so that the prefill is
+    the only collective and ranks whose rows all ended early may stop decoding before the others."""
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if args.fsdp else []
+    for m in blocks:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def evaluate_model(args, model, *rest):
+    """evaluate.evaluate, run by rank 0; under FSDP by every rank (each takes part in the gathers)."""
+    with gathered(args, model):
+        return evaluate.evaluate(model, *rest)
 
 
 class Objective(nn.Module):
@@ -255,8 +341,9 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     policy = module.policy if isinstance(module, nn.ModuleDict) else module  # PPO also trains a critic: no EWC on it
     model = Objective(module)
-    if args.world > 1:
+    if args.world > 1 and not args.fsdp:
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext
     step, sums, count = 0, {}, 0
     bar = tqdm(total=n_steps, desc=name, leave=False, position=2, disable=None if args.rank == 0 else True)
     for batch in batches:
@@ -268,18 +355,21 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
             for i, micro in enumerate(update):
                 # DDP syncs gradients on the last micro-step only; the flag must be set before the forward
                 sync = args.world == 1 or i == args.grad_accum - 1
-                with (nullcontext() if sync else model.no_sync()), args.autocast():
+                for fsdp_module in (m for m in module.modules() if isinstance(m, FSDPModule)):
+                    fsdp_module.set_requires_gradient_sync(sync, recurse=False)
+                with (nullcontext() if sync else no_sync()), args.autocast():
                     loss, m = model(loss_fn, micro)
                     if ewc is not None and ewc.active:
-                        penalty = ewc.penalty(policy)
+                        penalty = ewc.penalty(policy)  # under FSDP this rank's part of it: the log sums them
                         loss = loss + penalty
-                        m["ewc_penalty"] = penalty.item()
+                        m["ewc_penalty"] = penalty.item() * (args.world if args.fsdp else 1)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{name}: non-finite loss {loss.item()} at step {step}")
                 (loss / args.grad_accum).backward()
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / args.grad_accum
-            metrics["grad_norm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            norm = nn.utils.clip_grad_norm_(params, args.grad_clip)  # under FSDP a DTensor
+            metrics["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ewc is not None:
@@ -375,7 +465,7 @@ def save_json(path, obj):
 
 
 RUN_KEYS_IGNORED = {"overwrite", "out", "device", "cache_dir", "rank", "world", "autocast", "eval_every", "export_hf",
-                    "dry_run", "gpus", "gpu_gb"}
+                    "dry_run", "gpus", "gpu_gb", "fsdp", "bf16", "evaluates", "compile", "activation_checkpointing"}
 
 
 def check_out_dir(args):
@@ -467,8 +557,9 @@ def load_task(args):
 def base_model(args, tok, corpus, log):
     """--model if given; else the tiny base for the embedded world, pretrained once on its unlabeled corpus
     (next-token loss on packed windows) and cached under --cache-dir keyed by everything it depends on."""
+    device = "cpu" if args.fsdp else args.device  # under FSDP the base stays whole on the CPU; copies are placed
     if args.model:
-        return Transformer.from_pretrained(args.model).to(args.device)
+        return Transformer.from_pretrained(args.model).to(device)
     margs = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                       vocab_size=tok.vocab_size, multiple_of=16, max_seq_len=args.max_seq_len)
     stream = torch.tensor([t for text in corpus for t in [tok.bos_id] + tok.encode(text) + [tok.eos_id]])
@@ -478,7 +569,7 @@ def base_model(args, tok, corpus, log):
     path = os.path.join(args.cache_dir, f"base-{key}.pt")
     if not os.path.exists(path):
         torch.manual_seed(args.world_seed)
-        model = Transformer(margs).to(args.device)
+        model = place(args, Transformer(margs))
         g = torch.Generator().manual_seed(args.world_seed)
 
         def windows():  # the same global batches whatever the world size: each rank takes its rows of them
@@ -490,12 +581,13 @@ def base_model(args, tok, corpus, log):
         m, _ = optimize(args, model, lm_loss, windows(), args.pretrain_steps, 1e-3, "pretrain",
                      log=lambda step, metrics: log({"schedule": "base", "stage": "pretrain", "stage_index": 0,
                                                     "step": step, **metrics}))
+        state = full_state(args, model)
         if args.rank == 0:
             tqdm.write(f"pretrained the tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                        f"params, final loss {m['loss']:.3f}, cached at {path}")
-            save_checkpoint(model, path)
+            checkpoint.save(asdict(margs), state, path)
         barrier(args)
-    return Transformer.from_pretrained(path).to(args.device)
+    return Transformer.from_pretrained(path).to(device)
 
 
 def train_reward_model(args, base, hpa_ex, log):
@@ -506,17 +598,18 @@ def train_reward_model(args, base, hpa_ex, log):
     train_ex, val_ex = hpa_ex[:-n_val], hpa_ex[-n_val:]
     if not os.path.exists(path):
         torch.manual_seed(stage_seed(args, "rm"))
-        rm = reward.RewardModel(copy.deepcopy(base)).to(args.device)
+        rm = place(args, reward.RewardModel(copy.deepcopy(base)))
         local = train_ex[args.rank::args.world]
         optimize(args, rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
                  batches_of(local, args.batch_size, args.rm_epochs, data.hpa_batch, stage_seed(args, "rm"), args),
                  n_batches(len(local), args.batch_size, args.rm_epochs, args), args.lr_ifa, "reward model",
                  log=lambda step, m: log({"schedule": "reward", "stage": "RM", "stage_index": 0, "step": step, **m}))
         reward.set_offset(rm, train_ex, args.batch_size, args.device)
+        state = full_state(args, rm)
         if args.rank == 0:
-            reward.save_reward_model(rm, path)
+            checkpoint.save(asdict(rm.args), state, path)  # reward.save_reward_model's layout
         barrier(args)
-    rm = reward.RewardModel.from_pretrained(path).to(args.device).eval().requires_grad_(False)
+    rm = place(args, reward.RewardModel.from_pretrained(path)).eval().requires_grad_(False)
     acc = reward.pairwise_accuracy(rm, val_ex, args.batch_size, args.device)
     if args.rank == 0:
         tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")
@@ -527,10 +620,9 @@ def train_reward_model(args, base, hpa_ex, log):
 # one schedule: walk its stages (hbat.py), one `optimize` each, checkpoint after each
 
 
-def run_stage(args, stage, model, sets, ewc, rm, tok, log):
+def run_stage(args, stage, model, sets, ewc, rm, tok, log, fresh):
     """Build the batches and the loss of one stage, then optimize. Returns the stage's mean metrics."""
-    ifa_local = sets["ifa"][stage.subset][args.rank::args.world]
-    hpa_local = sets["hpa"][stage.subset][args.rank::args.world]
+    ifa_local, hpa_local = (shard_of(sets[kind][stage.subset], args) for kind in ("ifa", "hpa"))
     seed = stage_seed(args, stage.name, stage.kind)
     torch.manual_seed(seed)
     if stage.kind == "ifa":
@@ -538,9 +630,9 @@ def run_stage(args, stage, model, sets, ewc, rm, tok, log):
         n = n_batches(len(ifa_local), args.batch_size, stage.epochs, args)
         return optimize(args, model, ifa_loss, batches, n, args.lr_ifa, stage.name, ewc, log)
     if args.algo == "ppo" and stage.kind == "hpa":
-        return run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log)
+        return run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log, fresh)
     # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.live_ref else None
+    ref_model = copy_of(args, model, fresh).eval().requires_grad_(False) if args.live_ref else None
     with args.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
         ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa_local, args.batch_size, args.device)
     hpa_loss = make_dpo_loss(args, ref_logps, ref_model)
@@ -557,25 +649,31 @@ def run_stage(args, stage, model, sets, ewc, rm, tok, log):
     return optimize(args, model, make_multi_loss(hpa_loss), pairs, n, args.lr_ifa, stage.name, ewc, log)
 
 
-def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log):
+def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log, fresh):
     """§4.2: each batch of prompts becomes a rollout, and each rollout cfg.epochs x minibatches of updates.
     The KL reference is the model at the start of the stage (§2.3); the critic starts from the reward model."""
     cfg = ppo.PPOConfig(kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // args.world,
                         max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
                         **(dict(adaptive_kl=True, kl_target=args.kl_target) if args.kl_target else {}))
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    modules = nn.ModuleDict(dict(policy=model, critic=ppo.make_critic(rm)))
+    ref_model = copy_of(args, model, fresh).eval().requires_grad_(False)
+    # the critic starts as a trainable copy of the reward model (ppo.make_critic says why)
+    critic = copy_of(args, rm, lambda: reward.RewardModel(fresh())).train().requires_grad_(True)
+    modules = nn.ModuleDict(dict(policy=model, critic=critic))
     prompts = [ex[0] for ex in hpa_local]
     g = torch.Generator(device=args.device).manual_seed(seed)
 
     kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
+    def end_of_turn(ids):  # real data: an answer that writes the template's next turn ends where it begins
+        ids, _, cut = data.cut_ids_at_end_of_turn(ids, tok)
+        return ids if cut else None
+
     rollouts = []  # per-rollout metrics (score, KL, length, EOS share): the numbers to watch in PPO
 
     def on_batch(batch):
         idx = torch.cat([micro[0] for micro in batch]).tolist()
-        with args.autocast():  # the same precision as the update's log-probs, else the first ratio is not 1
+        with args.autocast(), gathered(args, model):  # the update's precision, else the first ratio is not 1
             rollout, m = ppo.rollout(model, ref_model, modules.critic, rm, [prompts[i] for i in idx],
-                                     cfg, tok.eos_id, tok.pad_id, generator=g)
+                                     cfg, tok.eos_id, tok.pad_id, generator=g, end_of_turn=end_of_turn)
         if kl_ctl is not None:
             cfg.kl_coef = kl_ctl.update(m["kl"], len(idx) * args.world)
         rollouts.append({"rollout/" + k: v for k, v in mean_over_ranks(m, args).items()})
@@ -591,6 +689,12 @@ def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log):
     return m | {k: sum(r[k] for r in rollouts) / len(rollouts) for k in rollouts[0]}, steps
 
 
+def shard_of(examples, args):
+    """This rank's share of a stage's examples, the same number on every rank (so every rank runs the same number
+    of forward passes, which FSDP's gathers need): every world-th example from the rank's index on."""
+    return examples[:len(examples) - len(examples) % args.world][args.rank::args.world]
+
+
 def run_schedule(args, name, base, task, rm, log, judge=None):
     tok, ifa_ex, hpa_ex, test, world = task
     stages, n = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, use_ewc=args.ewc != "none")
@@ -598,11 +702,15 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
     ewc = ewc_lib.EWC(method=args.ewc, f_max=args.f_max, f_max_ifa=args.f_max_ifa, lam=args.ewc_lambda,
                       norm=args.ewc_norm, scale=args.ewc_scale, elementwise=args.ewc_elementwise,
                       seed=args.seed) if name == "hbat" else None
-    model = copy.deepcopy(base)
+    def fresh():  # an unsharded model of the schedule's shape (FSDP modules cannot be deep-copied)
+        return copy.deepcopy(base)
+
+    model = place(args, fresh())
     path = os.path.join(args.out, f"{name}.pt")
-    ckpt = torch.load(path, map_location=args.device, weights_only=True) if os.path.exists(path) else None
+    ckpt = torch.load(path, map_location="cpu" if args.fsdp else args.device, weights_only=True) \
+        if os.path.exists(path) else None
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        load_full_state(args, model, ckpt["model"])
         if ewc is not None:
             ewc.load_state_dict(ckpt["ewc"])
     history, step0 = (ckpt["history"], ckpt["steps"]) if ckpt else ([], 0)
@@ -612,15 +720,15 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
 
         def log_step(step, m, stage=stage, i=i):
             log({"schedule": name, "stage": stage.name, "stage_index": i, "step": step0 + max(step, 0), **m})
-            if args.eval_every and step >= 0 and (step0 + step) % args.eval_every == 0 and args.rank == 0:
-                quick = evaluate.evaluate(model, tok, test[:100], world, args, rm, judge)[0]
+            if args.eval_every and step >= 0 and (step0 + step) % args.eval_every == 0 and args.evaluates:
+                quick = evaluate_model(args, model, tok, test[:100], world, args, rm, judge)[0]
                 log({"schedule": name, "stage": stage.name, "stage_index": i, "step": step0 + step,
                      **{f"eval/{k}": quick[k] for k in ("ifa_score", "hpa_score") if k in quick}})
 
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)
         try:
-            m, steps = run_stage(args, stage, model, sets, ewc, rm, tok, log_step)
+            m, steps = run_stage(args, stage, model, sets, ewc, rm, tok, log_step, fresh)
         except FloatingPointError as e:
             die(f"{name} stopped: {e}; the last good checkpoint is {path}", code=1)
         if ewc is not None:
@@ -629,14 +737,15 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
         step0 += steps
         history.append({"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "seconds": time.time() - t0,
                         "metrics": m})
-        if args.rank == 0:
-            # where each stage leaves the model: the alignment tax is the IFA score that HPA stages lose
-            last_eval = evaluate.evaluate(model, tok, test, world, args, rm, judge)
+        if args.evaluates:  # where each stage leaves the model: the alignment tax is the IFA score HPA stages lose
+            last_eval = evaluate_model(args, model, tok, test, world, args, rm, judge)
             history[-1]["eval"] = last_eval[0]
+        state = full_state(args, model)
+        if args.rank == 0:
             tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
                        + f" | eval ifa {history[-1]['eval']['ifa_score']:.3f} hpa "
                        f"{history[-1]['eval'].get('hpa_score', float('nan')):.3f} ({time.time() - t0:.1f}s)")
-            atomic_save({"model": model.state_dict(), "ewc": ewc.state_dict() if ewc else {}, "history": history,
+            atomic_save({"model": state, "ewc": ewc.state_dict() if ewc else {}, "history": history,
                          "steps": step0}, path)
         barrier(args)
     return model, history, last_eval
@@ -709,15 +818,19 @@ def main(argv=None):
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if args.rank == 0 else True):
         model, history, last_eval = run_schedule(args, name, base, (tok, ifa_ex, hpa_ex, test, world), rm, log.write,
                                                  judge)
-        if args.rank == 0:  # a schedule finished by an earlier run is evaluated again: its answers were not kept
-            metrics, rows = last_eval or evaluate.evaluate(model, tok, test, world, args, rm, judge)
+        if args.evaluates and last_eval is None:  # finished by an earlier run: its answers were not kept
+            last_eval = evaluate_model(args, model, tok, test, world, args, rm, judge)
+        state = full_state(args, model) if args.export_hf else None
+        if args.rank == 0:
+            metrics, rows = last_eval
             responses[name] = [r["response"] for r in rows]
             results["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
             with open(os.path.join(args.out, f"{name}.responses.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             if args.export_hf:
                 hf_dir = os.path.join(args.out, f"{name}-hf")
-                export_hf(model, hf_dir, tok.bos_id, tok.eos_id)
+                dtype = torch.bfloat16 if args.bf16 else torch.float32  # bf16 is how LLaMA weights are shipped
+                export_hf(model, hf_dir, tok.bos_id, tok.eos_id, {k: v.to(dtype) for k, v in state.items()})
                 atomic_write(os.path.join(hf_dir, "tokenizer.model"), lambda f: f.write(tok.model_proto))
     if args.rank == 0:
         judge = evaluate.pick_judge(judge, rm, tok, args.max_seq_len)  # real data: --judge, else the run's RM

@@ -173,6 +173,48 @@ def test_kv_cache_generation_equals_full_recompute():
     assert cut[0][-1] == eos and any(len(row) == 6 for row in cut)
 
 
+def test_activation_checkpointing_changes_memory_not_numbers():
+    """model.checkpointing recomputes each block in backward: the same loss and the same gradients, and the
+    autograd graph keeps fewer tensors (the point of it)."""
+    tokens = torch.randint(0, ARGS.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    grads, saved = [], []
+    for checkpointing in (False, True):
+        model = tiny()
+        model.checkpointing = checkpointing
+        count = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.__setitem__(0, count[0] + 1) or t, lambda t: t):
+            loss = model.token_logprobs(tokens, mask).sum()
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+        saved.append(count[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert saved[1] < saved[0] / 2, saved
+    with torch.no_grad():  # generation never checkpoints
+        assert model.generate(PROMPTS, max_new_tokens=3) == tiny().generate(PROMPTS, max_new_tokens=3)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_what_eager_blocks_do():
+    """train.py --compile compiles each block in place (nn.Module.compile): forward, gradients and KV-cache
+    generation as in eager mode, to float rounding."""
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    eager, compiled = tiny(), tiny()
+    for layer in compiled.layers:
+        layer.compile()
+    outs = []
+    for model in (eager, compiled):
+        logits = model(tokens)
+        logits.square().mean().backward()
+        outs.append((logits.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert compiled.generate(PROMPTS, max_new_tokens=4) == eager.generate(PROMPTS, max_new_tokens=4)
+
+
 def test_generation_sampling_is_reproducible_and_capped():
     model = tiny()
     draw = [model.generate(PROMPTS, 8, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]

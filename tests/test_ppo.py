@@ -224,6 +224,41 @@ def test_rollout_alignment_against_unpadded_forward():
     torch.testing.assert_close(ro2.scores, torch.where(ended, ro.scores, -5.0))
 
 
+def test_rollout_ends_an_answer_at_the_end_of_turn_with_eos():
+    """end_of_turn (real data: the template's "\n\nHuman:") cuts an answer that writes the next turn and closes it
+    with EOS: that row is scored, rewarded and masked as the unpadded answer prefix + [EOS]; rows without the
+    marker are untouched."""
+    from reward import RewardModel
+    policy, ref_model = tiny_model(seed=0), tiny_model(seed=1)
+    reward_model = RewardModel(tiny_model(seed=2)).eval()
+    torch.nn.init.normal_(reward_model.head.weight)
+    critic = ppo.make_critic(RewardModel(tiny_model(seed=3)))
+    prompts = [[1, 5, 6, 7], [1], [1, 9, 4], [1, 4], [1, 12, 13, 14, 15], [1, 8]]
+    cfg = ppo.PPOConfig(max_new_tokens=8, eos_penalty=-5.0)
+    draw = lambda **kw: ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id=2, pad_id=3,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(0), **kw)
+    plain, _ = draw()
+    answers = [r[m].tolist() for r, m in zip(plain.responses, plain.masks)]
+    # the marker: a token that some answers hold (not first, not as EOS) and others do not
+    marker = next(t for t in range(4, 16) if 0 < sum(t in a[1:] for a in answers) < len(answers))
+    cut, metrics = draw(end_of_turn=lambda ids: ids[:ids.index(marker)] if marker in ids else None)
+    n_cut = 0
+    for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+        body = answer[:-1] if answer[-1] == 2 else answer
+        expected = body[:body.index(marker)] + [2] if marker in body else answer
+        n_cut += marker in body
+        got = cut.responses[b, cut.masks[b]].tolist()
+        assert got == expected
+        with torch.no_grad():
+            seq = torch.tensor([prompt + expected])
+            score = reward_model.values(seq)[0, -1].item() if expected[-1] == 2 else cfg.eos_penalty
+            assert cut.scores[b].item() == pytest.approx(score, abs=1e-5)
+            logp = policy(seq)[0, len(prompt) - 1:-1].log_softmax(-1).gather(1, seq[0, len(prompt):, None])
+            torch.testing.assert_close(cut.logprobs[b, :len(expected)], logp.squeeze(1), rtol=0, atol=1e-5)
+    assert n_cut > 0 and metrics["end_of_turn_share"] == pytest.approx(n_cut / len(prompts))
+    assert metrics["eos_share"] >= metrics["end_of_turn_share"]
+
+
 def test_minibatches_cover_every_row_once_per_epoch():
     """Rows keep their fields together (row i holds i everywhere), every row comes once, the order is shuffled."""
     ro = ppo.Rollout(*([torch.arange(10)[:, None].expand(10, 3)] * 11), torch.arange(10.0))

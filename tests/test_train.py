@@ -169,6 +169,41 @@ def test_torchrun_two_cpu_processes(tmp_path, cache):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
+    """--fsdp (every model sharded over 2 gloo processes, the EWC anchor too) against DDP (whole copies) on the
+    same run: the same loss, EWC penalty and gradient norm at every logged step, and the same final weights, to
+    float rounding. Sharding moves where each number lives, never what it is. The FSDP run also recomputes every
+    block in backward (--activation-checkpointing), which must not change a number either."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    runs = {}
+    for how in ("ddp", "fsdp"):
+        out = tmp_path / how
+        # activation checkpointing recomputes each block in backward: the same numbers again
+        flags = ["--fsdp", "--activation-checkpointing"] if how == "fsdp" else []
+        ok(train("--algo", algo, *flags, out=out, cache=cache, launcher=launcher))
+        rows = [r for r in read_rows(out / "metrics.jsonl") if r["schedule"] != "base"]  # pretrained once, cached
+        runs[how] = (rows, {name: torch.load(out / f"{name}.pt", weights_only=True)
+                                                         for name in ("two-stage", "hbat")})
+    (rows_ddp, ckpt_ddp), (rows_fsdp, ckpt_fsdp) = runs["ddp"], runs["fsdp"]
+    assert [(r["schedule"], r["stage"], r["step"]) for r in rows_ddp] == \
+        [(r["schedule"], r["stage"], r["step"]) for r in rows_fsdp]
+    keys = ("loss", "policy_loss", "value_loss", "ewc_penalty", "grad_norm")
+    compared = 0
+    for a, b in zip(rows_ddp, rows_fsdp):
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["schedule"], a["stage"], a["step"], k)
+                compared += 1
+    assert compared > 50 and any("ewc_penalty" in r and r["ewc_penalty"] > 0 for r in rows_fsdp)
+    for name in ckpt_ddp:
+        a, b = ckpt_ddp[name]["model"], ckpt_fsdp[name]["model"]
+        assert a.keys() == b.keys()  # saved whole, in the same layout: either run resumes the other's checkpoints
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-3)  # Adam magnifies rounding on ~0 grads
+
+
+@pytest.mark.slow
 def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
     """--overwrite under torchrun: the old run's files are cleared once, before any rank writes, so neither rank
     trips over the other (a file already removed, a fresh config.json removed again)."""
