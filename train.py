@@ -821,9 +821,10 @@ def main(argv=None):
         if args.evaluates and last_eval is None:  # finished by an earlier run: its answers were not kept
             last_eval = evaluate_model(args, model, tok, test, world, args, rm, judge)
         state = full_state(args, model) if args.export_hf else None
+        if args.evaluates:
+            responses[name] = [r["response"] for r in last_eval[1]]
         if args.rank == 0:
             metrics, rows = last_eval
-            responses[name] = [r["response"] for r in rows]
             results["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
             with open(os.path.join(args.out, f"{name}.responses.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -832,7 +833,7 @@ def main(argv=None):
                 dtype = torch.bfloat16 if args.bf16 else torch.float32  # bf16 is how LLaMA weights are shipped
                 export_hf(model, hf_dir, tok.bos_id, tok.eos_id, {k: v.to(dtype) for k, v in state.items()})
                 atomic_write(os.path.join(hf_dir, "tokenizer.model"), lambda f: f.write(tok.model_proto))
-    if args.rank == 0:
+    if args.evaluates:  # under FSDP the run's reward model is sharded: every rank takes part in judging
         judge = evaluate.pick_judge(judge, rm, tok, args.max_seq_len)  # real data: --judge, else the run's RM
         win_rate = world.win_rate if world is not None else judge.win_rate if judge is not None else None
         if "two-stage" in responses and win_rate is not None:
@@ -840,6 +841,7 @@ def main(argv=None):
                 if name != "two-stage":
                     results["win_rates"][f"{name}_vs_two-stage"] = win_rate(test, responses[name],
                                                                            responses["two-stage"])
+    if args.rank == 0:
         results["seconds"] = time.time() - t_start
         save_json(os.path.join(args.out, "results.json"), results)
         print(evaluate.table(results))

@@ -155,6 +155,33 @@ def test_exported_model_round_trips(runs, llama, run):
             assert not torch.allclose(llama.model(tokens), expected)  # the weights did move from the base
 
 
+@pytest.mark.slow
+def test_ppo_on_real_data_under_fsdp_matches_ddp(llama, tmp_path):
+    """torchrun --nproc_per_node 2 --fsdp from the HF layout on the HH / Alpaca fixtures (the base read onto the CPU
+    and sharded, a sharded reward model that also judges the answers, export gathered by rank 0) ends where the
+    same run under DDP ends: the same scores, win rate and exported weights."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    flags = ("--preset", "smoke", "--device", "cpu", "--n-splits", "1", "--batch-size", "2", "--rollout-batch", "2",
+             "--minibatch", "2", "--max-new-tokens", "8", "--export-hf", "--algo", "ppo", "--model", llama.dir / "hf",
+             "--tokenizer", llama.dir / "tokenizer.model", "--ifa-data", f"{FIX}/alpaca.json",
+             "--hpa-data", f"{FIX}/hh.jsonl.gz", "--test-data", f"{FIX}/hh.jsonl.gz", "--cache-dir", tmp_path / "c")
+    results = {}
+    for how in ("ddp", "fsdp"):
+        cmd = [*launcher, "train.py", *map(str, flags), "--out", str(tmp_path / how)] + (["--fsdp"] * (how == "fsdp"))
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{how}: exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+        with open(tmp_path / how / "results.json") as f:
+            results[how] = json.load(f)
+    for name in ("two-stage", "hbat"):
+        for k, v in results["ddp"]["schedules"][name]["metrics"].items():
+            assert results["fsdp"]["schedules"][name]["metrics"][k] == pytest.approx(v, abs=1e-4), (name, k)
+        a, b = (Transformer.from_pretrained(tmp_path / how / f"{name}-hf") for how in ("ddp", "fsdp"))
+        for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-4, msg=n)
+    assert results["fsdp"]["win_rates"] == pytest.approx(results["ddp"]["win_rates"], abs=1e-6)
+    assert "hbat_vs_two-stage" in results["fsdp"]["win_rates"]
+
+
 def test_exported_model_loads_in_transformers(llama, tmp_path):
     """Parity with an independent implementation: transformers' LlamaForCausalLM reads export_hf's output."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional)")
