@@ -153,7 +153,7 @@ class TransformerBlock(nn.Module):
         self.checkpointing = False
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
-        if self.checkpointing and torch.is_grad_enabled():
+        if self.checkpointing and torch.is_grad_enabled() and cache is None:
             # keep only the block's input; backward runs the block again: one more forward, about a third more
             # compute, for activations of one (B, T, D) tensor per block instead of all its intermediates. Inside
             # forward, so that the recomputation runs where FSDP has gathered (and cast) this block's weights

@@ -768,8 +768,8 @@ def stage_fisher(args, stage, model, sets):
 
 
 def dry_run(args):
-    """Memory per GPU on paper (memory.py) for this run's model, algorithm, batch and dtype, under DDP (what this
-    loop does) and, for comparison, fully sharded."""
+    """Memory per GPU on paper (memory.py) for this run's model, algorithm, batch and dtype, under DDP and under
+    --fsdp (fully sharded), side by side whichever of the two the run asks for."""
     margs = ModelArgs(**memory.read_params(args.model)) if args.model else ModelArgs(
         dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, vocab_size=128,
         multiple_of=16, max_seq_len=args.max_seq_len)
