@@ -4,6 +4,7 @@ The small-scale study: Hbat against two-stage over seeds, and the ablations of t
     python study.py --algo dpo --seeds 0 1 2                 # main comparison at c = 0.5 and c = 0, then ablations
     python study.py --algo ppo --seeds 0 1 2 --only main     # just the main comparison
     python study.py --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
+    python study.py --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base model
 
 Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
 and stage by stage). Every ablation is compared with the two-stage run of the same seed and c. Writes
@@ -32,7 +33,8 @@ ABLATIONS = (
 
 
 def run(args, out, flags):
-    cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset] + flags
+    cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset,
+           "--world-seed", str(args.world_seed)] + flags
     print(" ".join(cmd), flush=True)
     if args.dry:
         return None
@@ -72,12 +74,14 @@ def main():
     p.add_argument("--taxes", type=float, nargs="+", default=[0.5, 0.0], help="annotator-bias knob c values")
     p.add_argument("--only", choices=["main", "ablations", "all"], default="all")
     p.add_argument("--preset", default="default")
+    p.add_argument("--world-seed", type=int, default=0, help="the embedded world (and so the base model pretrained "
+                   "on its corpus); the seeds vary only training")
     p.add_argument("--out", default=None, help="default: runs/study_<algo>")
     p.add_argument("--eval-every", type=int, default=10, help="steps between mid-run evaluations (Figure 5)")
     p.add_argument("--dry", action="store_true", help="print the commands only")
     p.add_argument("--quiet", action="store_true", help="hide train.py's output")
     args = p.parse_args()
-    root = args.out or f"runs/study_{args.algo}"
+    root = args.out or f"runs/study_{args.algo}" + (f"_world{args.world_seed}" if args.world_seed else "")
     os.makedirs(root, exist_ok=True)
     table, main_runs = {}, {}
     for c in args.taxes:
@@ -109,7 +113,7 @@ def main():
     if args.dry:
         return
     with open(os.path.join(root, "STUDY.md"), "w") as f:
-        f.write(f"# Study: {args.algo}, seeds {args.seeds}\n\n{summarise(table)}\n")
+        f.write(f"# Study: {args.algo}, world {args.world_seed}, seeds {args.seeds}\n\n{summarise(table)}\n")
     print(summarise(table))
     plot(root, main_runs, table)
 

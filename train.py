@@ -20,15 +20,14 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -39,6 +38,7 @@ import evaluate
 import ewc as ewc_lib
 import hbat
 import memory
+import parallel
 import ppo
 import reward
 from checkpoint import atomic_save, atomic_write, export_hf
@@ -205,121 +205,13 @@ def check_args(args, p):
 
 
 # -----------------------------------------------------------------------------
-# distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process
-
-
-def setup(args):
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1 or args.fsdp
-    if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    args.rank, args.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    args.evaluates = args.rank == 0 or args.fsdp  # under FSDP every rank takes part in generating
-    for flag in ("batch_size", "rollout_batch", "minibatch", "pretrain_batch"):
-        if getattr(args, flag) % (args.world * args.grad_accum):
-            die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by world size x --grad-accum "
-                f"= {args.world * args.grad_accum}")
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and args.device.startswith("cuda"))
-    # bf16 autocast keeps fp32 master weights; the log-softmax inside model.token_logprobs stays fp32
-    args.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 else nullcontext
-
-
-def barrier(args):
-    if args.world > 1:
-        dist.barrier()
-
-
-def mean_over_ranks(metrics, args):
-    if args.world == 1 or not metrics:
-        return metrics
-    t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=args.device)
-    dist.all_reduce(t)
-    return dict(zip(metrics, (t / args.world).tolist()))
-
-
-# Every model a run trains or consults is placed by `place`. With --fsdp it is sharded over the ranks (fully_shard
-# on each transformer block, then on the whole), so a GPU holds 1/world of its weights, gradients, AdamW moments and
-# EWC anchor (memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict()
-# holds shards: hence the helpers below, each of which is the plain one-liner it stands for when --fsdp is off.
-
-
-def place(args, module):
-    """A fresh, unsharded module onto the device, with --compile and --activation-checkpointing applied; with
-    --fsdp, sharded over the ranks there."""
-    trunk = module.trunk if isinstance(module, reward.RewardModel) else module
-    trunk.checkpointing = args.activation_checkpointing
-    if args.compile:
-        for layer in trunk.layers:
-            layer.compile()  # per block, in place (FSDP's gathers stay outside the compiled code)
-    if not args.fsdp:
-        return module.to(args.device)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32)
-    for layer in trunk.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(module, mp_policy=mp)
-    for method in ("hidden", "token_logprobs", "generate", "values", "score"):
-        if hasattr(module, method):  # entry points besides forward(): they too gather the root's weights first
-            register_fsdp_forward_method(module, method)
-    return module
-
-
-def copy_of(args, module, fresh):
-    """An independent copy of `module` (a placed one cannot be deep-copied: FSDP forbids it, compiled blocks would
-    share code with the original); fresh() builds an unplaced module of the same shape."""
-    new = place(args, fresh())
-    new.load_state_dict(module.state_dict())  # under FSDP shard by shard: both are laid out over the same ranks
-    return new
-
-
-def full_state(args, module):
-    """The whole state_dict, for saving (under FSDP every rank must call this; only rank 0 gets it, on the CPU)."""
-    if not args.fsdp:
-        return module.state_dict()
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_state(args, module, state):
-    if args.fsdp:
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        module.load_state_dict(state)
-
-
-@contextmanager
-def gathered(args, model):
-    """Generation under FSDP: every block keeps its weights gathered after its first use, so that the prefill is
-    the only collective and ranks whose rows all ended early may stop decoding before the others."""
-    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if args.fsdp else []
-    for m in blocks:
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in blocks:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+# evaluation (where models live, one process, DDP or FSDP: parallel.py)
 
 
 def evaluate_model(args, model, *rest):
     """evaluate.evaluate, run by rank 0; under FSDP by every rank (each takes part in the gathers)."""
-    with gathered(args, model):
+    with parallel.gathered(args, model):
         return evaluate.evaluate(model, *rest)
-
-
-class Objective(nn.Module):
-    """Routes any loss function through DDP's forward, so that DDP syncs the gradients of whatever the loss
-    touches (model.token_logprobs, a reward head, a critic) and not only of `model(tokens)`."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, loss_fn, batch):
-        return loss_fn(self.module, batch)
 
 
 # -----------------------------------------------------------------------------
@@ -340,7 +232,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     policy = module.policy if isinstance(module, nn.ModuleDict) else module  # PPO also trains a critic: no EWC on it
-    model = Objective(module)
+    model = parallel.Objective(module)
     if args.world > 1 and not args.fsdp:
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext
@@ -374,7 +266,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
             opt.zero_grad(set_to_none=True)
             if ewc is not None:
                 ewc.after_step(policy)
-            metrics = mean_over_ranks(metrics, args)
+            metrics = parallel.mean_over_ranks(metrics, args)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
@@ -476,7 +368,7 @@ def check_out_dir(args):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-    barrier(args)  # every rank has read the old config before rank 0 replaces it
+    parallel.barrier(args)  # every rank has read the old config before rank 0 replaces it
     if old is not None and old != config:
         if not args.overwrite:
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
@@ -488,7 +380,7 @@ def check_out_dir(args):
     if args.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         save_json(path, config)
-    barrier(args)
+    parallel.barrier(args)
 
 
 class MetricsLog:
@@ -547,7 +439,7 @@ def load_task(args):
         ifa, hpa, test, corpus = world.ifa, world.hpa, world.test, world.corpus
         if args.rank == 0:
             tok = data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)
-        barrier(args)
+        parallel.barrier(args)
         tok = data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)
     ifa_ex = data.tokenize_ifa(ifa, tok, args.max_seq_len)
     hpa_ex = data.tokenize_hpa(hpa, tok, args.max_seq_len)
@@ -569,7 +461,7 @@ def base_model(args, tok, corpus, log):
     path = os.path.join(args.cache_dir, f"base-{key}.pt")
     if not os.path.exists(path):
         torch.manual_seed(args.world_seed)
-        model = place(args, Transformer(margs))
+        model = parallel.place(args, Transformer(margs))
         g = torch.Generator().manual_seed(args.world_seed)
 
         def windows():  # the same global batches whatever the world size: each rank takes its rows of them
@@ -581,12 +473,12 @@ def base_model(args, tok, corpus, log):
         m, _ = optimize(args, model, lm_loss, windows(), args.pretrain_steps, 1e-3, "pretrain",
                      log=lambda step, metrics: log({"schedule": "base", "stage": "pretrain", "stage_index": 0,
                                                     "step": step, **metrics}))
-        state = full_state(args, model)
+        state = parallel.full_state(args, model)
         if args.rank == 0:
             tqdm.write(f"pretrained the tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                        f"params, final loss {m['loss']:.3f}, cached at {path}")
             checkpoint.save(asdict(margs), state, path)
-        barrier(args)
+        parallel.barrier(args)
     return Transformer.from_pretrained(path).to(device)
 
 
@@ -598,18 +490,18 @@ def train_reward_model(args, base, hpa_ex, log):
     train_ex, val_ex = hpa_ex[:-n_val], hpa_ex[-n_val:]
     if not os.path.exists(path):
         torch.manual_seed(stage_seed(args, "rm"))
-        rm = place(args, reward.RewardModel(copy.deepcopy(base)))
+        rm = parallel.place(args, reward.RewardModel(copy.deepcopy(base)))
         local = train_ex[args.rank::args.world]
         optimize(args, rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
                  batches_of(local, args.batch_size, args.rm_epochs, data.hpa_batch, stage_seed(args, "rm"), args),
                  n_batches(len(local), args.batch_size, args.rm_epochs, args), args.lr_ifa, "reward model",
                  log=lambda step, m: log({"schedule": "reward", "stage": "RM", "stage_index": 0, "step": step, **m}))
         reward.set_offset(rm, train_ex, args.batch_size, args.device)
-        state = full_state(args, rm)
+        state = parallel.full_state(args, rm)
         if args.rank == 0:
             checkpoint.save(asdict(rm.args), state, path)  # reward.save_reward_model's layout
-        barrier(args)
-    rm = place(args, reward.RewardModel.from_pretrained(path)).eval().requires_grad_(False)
+        parallel.barrier(args)
+    rm = parallel.place(args, reward.RewardModel.from_pretrained(path)).eval().requires_grad_(False)
     acc = reward.pairwise_accuracy(rm, val_ex, args.batch_size, args.device)
     if args.rank == 0:
         tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")
@@ -632,7 +524,7 @@ def run_stage(args, stage, model, sets, ewc, rm, tok, log, fresh):
     if args.algo == "ppo" and stage.kind == "hpa":
         return run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log, fresh)
     # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
-    ref_model = copy_of(args, model, fresh).eval().requires_grad_(False) if args.live_ref else None
+    ref_model = parallel.copy_of(args, model, fresh).eval().requires_grad_(False) if args.live_ref else None
     with args.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
         ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa_local, args.batch_size, args.device)
     hpa_loss = make_dpo_loss(args, ref_logps, ref_model)
@@ -655,14 +547,15 @@ def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log, fresh)
     cfg = ppo.PPOConfig(kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // args.world,
                         max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
                         **(dict(adaptive_kl=True, kl_target=args.kl_target) if args.kl_target else {}))
-    ref_model = copy_of(args, model, fresh).eval().requires_grad_(False)
+    ref_model = parallel.copy_of(args, model, fresh).eval().requires_grad_(False)
     # the critic starts as a trainable copy of the reward model (ppo.make_critic says why)
-    critic = copy_of(args, rm, lambda: reward.RewardModel(fresh())).train().requires_grad_(True)
+    critic = parallel.copy_of(args, rm, lambda: reward.RewardModel(fresh())).train().requires_grad_(True)
     modules = nn.ModuleDict(dict(policy=model, critic=critic))
     prompts = [ex[0] for ex in hpa_local]
     g = torch.Generator(device=args.device).manual_seed(seed)
 
     kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
+
     def end_of_turn(ids):  # real data: an answer that writes the template's next turn ends where it begins
         ids, _, cut = data.cut_ids_at_end_of_turn(ids, tok)
         return ids if cut else None
@@ -671,12 +564,13 @@ def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log, fresh)
 
     def on_batch(batch):
         idx = torch.cat([micro[0] for micro in batch]).tolist()
-        with args.autocast(), gathered(args, model):  # the update's precision, else the first ratio is not 1
+        # the update's precision, else the first ratio is not 1; under FSDP the policy stays gathered while decoding
+        with args.autocast(), parallel.gathered(args, model):
             rollout, m = ppo.rollout(model, ref_model, modules.critic, rm, [prompts[i] for i in idx],
                                      cfg, tok.eos_id, tok.pad_id, generator=g, end_of_turn=end_of_turn)
         if kl_ctl is not None:
             cfg.kl_coef = kl_ctl.update(m["kl"], len(idx) * args.world)
-        rollouts.append({"rollout/" + k: v for k, v in mean_over_ranks(m, args).items()})
+        rollouts.append({"rollout/" + k: v for k, v in parallel.mean_over_ranks(m, args).items()})
         log(-1, rollouts[-1])
         return [split_micro(mb, args.grad_accum) for _ in range(cfg.epochs)
                 for mb in ppo.minibatches(rollout, cfg.minibatch_size, g)]
@@ -705,12 +599,12 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
     def fresh():  # an unsharded model of the schedule's shape (FSDP modules cannot be deep-copied)
         return copy.deepcopy(base)
 
-    model = place(args, fresh())
+    model = parallel.place(args, fresh())
     path = os.path.join(args.out, f"{name}.pt")
     ckpt = torch.load(path, map_location="cpu" if args.fsdp else args.device, weights_only=True) \
         if os.path.exists(path) else None
     if ckpt:
-        load_full_state(args, model, ckpt["model"])
+        parallel.load_full_state(args, model, ckpt["model"])
         if ewc is not None:
             ewc.load_state_dict(ckpt["ewc"])
     history, step0 = (ckpt["history"], ckpt["steps"]) if ckpt else ([], 0)
@@ -740,14 +634,14 @@ def run_schedule(args, name, base, task, rm, log, judge=None):
         if args.evaluates:  # where each stage leaves the model: the alignment tax is the IFA score HPA stages lose
             last_eval = evaluate_model(args, model, tok, test, world, args, rm, judge)
             history[-1]["eval"] = last_eval[0]
-        state = full_state(args, model)
+        state = parallel.full_state(args, model)
         if args.rank == 0:
             tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
                        + f" | eval ifa {history[-1]['eval']['ifa_score']:.3f} hpa "
                        f"{history[-1]['eval'].get('hpa_score', float('nan')):.3f} ({time.time() - t0:.1f}s)")
             atomic_save({"model": state, "ewc": ewc.state_dict() if ewc else {}, "history": history,
                          "steps": step0}, path)
-        barrier(args)
+        parallel.barrier(args)
     return model, history, last_eval
 
 
@@ -784,7 +678,11 @@ def main(argv=None):
     args = get_args(argv)
     if args.dry_run:
         return dry_run(args)
-    setup(args)
+    parallel.setup(args)
+    for flag in ("batch_size", "rollout_batch", "minibatch", "pretrain_batch"):
+        if getattr(args, flag) % (args.world * args.grad_accum):
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by world size x --grad-accum "
+                f"= {args.world * args.grad_accum}")
     check_out_dir(args)
     log = MetricsLog(args)
     t_start = time.time()
@@ -820,7 +718,7 @@ def main(argv=None):
                                                  judge)
         if args.evaluates and last_eval is None:  # finished by an earlier run: its answers were not kept
             last_eval = evaluate_model(args, model, tok, test, world, args, rm, judge)
-        state = full_state(args, model) if args.export_hf else None
+        state = parallel.full_state(args, model) if args.export_hf else None
         if args.evaluates:
             responses[name] = [r["response"] for r in last_eval[1]]
         if args.rank == 0:
