@@ -7,7 +7,7 @@ The small-scale study: Hbat against two-stage over seeds, and the ablations of t
     python study.py --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base model
 
 Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
-and stage by stage). Every ablation is compared with the two-stage run of the same seed and c. Writes
+and stage by stage; a finished run's results.json is read, not run again). Every ablation is compared with the two-stage run of the same seed and c. Writes
 OUT/STUDY.md (mean ± std over seeds of IFA score, HPA score and the gold win rate against two-stage) and, when
 matplotlib is installed, OUT/curves.png (IFA and HPA scores over training steps, the paper's Figure 5) and
 OUT/sweeps.png (the N and F_max sweeps, its Figure 2).
@@ -38,7 +38,8 @@ def run(args, out, flags):
     print(" ".join(cmd), flush=True)
     if args.dry:
         return None
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
+    if args.rerun or not os.path.exists(os.path.join(out, "results.json")):  # else a finished run: read it
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 
@@ -73,6 +74,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--taxes", type=float, nargs="+", default=[0.5, 0.0], help="annotator-bias knob c values")
     p.add_argument("--only", choices=["main", "ablations", "all"], default="all")
+    p.add_argument("--ablations", nargs="+", metavar="NAME", choices=[name for name, _ in ABLATIONS],
+                   help="run only these ablations (default: all)")
     p.add_argument("--preset", default="default")
     p.add_argument("--world-seed", type=int, default=0, help="the embedded world (and so the base model pretrained "
                    "on its corpus); the seeds vary only training")
@@ -80,6 +83,8 @@ def main():
     p.add_argument("--eval-every", type=int, default=10, help="steps between mid-run evaluations (Figure 5)")
     p.add_argument("--dry", action="store_true", help="print the commands only")
     p.add_argument("--quiet", action="store_true", help="hide train.py's output")
+    p.add_argument("--rerun", action="store_true", help="call train.py for finished runs too (it resumes: only "
+                   "their evaluation is repeated); by default their results.json is read")
     args = p.parse_args()
     root = args.out or f"runs/study_{args.algo}" + (f"_world{args.world_seed}" if args.world_seed else "")
     os.makedirs(root, exist_ok=True)
@@ -101,6 +106,8 @@ def main():
     if args.only in ("ablations", "all"):
         c = args.taxes[0]
         for name, flags in ABLATIONS:
+            if args.ablations and name not in args.ablations:
+                continue
             for seed in args.seeds:
                 out = f"{root}/abl_{name.replace('=', '').replace('(', '').replace(')', '')}_c{c}_s{seed}"
                 res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule", "hbat"] + flags)
