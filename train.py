@@ -103,6 +103,8 @@ def get_args(argv=None):
     a("--n-test", type=int, help="preset: held-out evaluation prompts")
     a("--alignment-tax", type=float, default=0.5, help="c: how often annotators prefer a stylish wrong answer (0..1)")
     a("--world-seed", type=int, default=0, help="seed of the embedded world (kept fixed across --seed)")
+    a("--ifa-styled", type=float, default=0.0, help="share of the world's demonstrations written in the polite "
+      "style (0: never, as in the study; PPO can only reinforce a style its samples show)")
     a("--max-seq-len", type=int, default=128, help="longest prompt+response; longer prompts keep their end")
     # model
     a("--model", help="base model: our .pt, a Meta or a Hugging Face LLaMA dir; default: a tiny base pretrained here")
@@ -181,6 +183,8 @@ def check_args(args, p):
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not 0 <= args.alignment_tax <= 1:
         p.error(f"--alignment-tax must be in [0, 1], got {args.alignment_tax}")
+    if not 0 <= args.ifa_styled <= 1:
+        p.error(f"--ifa-styled must be in [0, 1], got {args.ifa_styled}")
     if not 0 <= args.label_smoothing < 0.5:
         p.error(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.ipo and args.label_smoothing:
@@ -191,13 +195,15 @@ def check_args(args, p):
         p.error("--ifa-data and --hpa-data go together")
     if args.ifa_data and not args.model:
         p.error("--ifa-data/--hpa-data need --model (a tiny base is only pretrained on the embedded world)")
+    if args.ifa_styled and args.ifa_data:
+        p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
     if args.judge and not args.ifa_data:
         p.error("--judge applies to --ifa-data/--hpa-data runs (the embedded world has its gold judge)")
     if args.fsdp and not args.dry_run:
-        if "RANK" not in os.environ:
-            p.error("--fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 train.py --fsdp ...")
         if args.ewc == "original" or args.ewc_elementwise:
             p.error("--fsdp supports per-tensor importance only: not with --ewc original or --ewc-elementwise")
+        if "RANK" not in os.environ:
+            p.error("--fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 train.py --fsdp ...")
     for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer", "judge"):
         path = getattr(args, flag)
         if path and not os.path.exists(path) and not (args.dry_run and path in memory.LLAMA2):
@@ -435,7 +441,7 @@ def load_task(args):
         world, corpus = None, None
     else:
         world = data.make_world(seed=args.world_seed, n_ifa=args.n_ifa, n_hpa=args.n_hpa, n_test=args.n_test,
-                                alignment_tax=args.alignment_tax)
+                                alignment_tax=args.alignment_tax, ifa_styled_fraction=args.ifa_styled)
         ifa, hpa, test, corpus = world.ifa, world.hpa, world.test, world.corpus
         if args.rank == 0:
             tok = data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)

@@ -155,14 +155,16 @@ def _counts(n, mix):
 
 
 def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignment_tax=0.5,
-               pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05):
+               pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05, ifa_styled_fraction=0.0):
     """Generate the world deterministically from `seed` (HBAT.md §6).
 
     alignment_tax: fraction c of the conflict pairs whose annotator prefers a stylish wrong answer to a plain right
     one. pair_mix: relative shares of the (style, content, conflict) pairs. chat_fraction: share of the corpus that
     is chat lines using the style's words rather than worked task instances. styled_fraction: share of the corpus's
     worked instances whose answer is written in the style, as a real base model has met polite answers somewhere in
-    its pretraining text; without any, a sampled answer is never styled and PPO has nothing to reinforce (§6.2).
+    its pretraining text. ifa_styled_fraction: share of the demonstrations written in the style (0: the
+    demonstrations never show it, and after SFT the policy samples no styled answer, so PPO has nothing to
+    reinforce; a few keep the style within the policy's reach). The gold IFA score ignores the style either way.
     """
     if not 0.0 <= alignment_tax <= 1.0:
         raise ValueError(f"alignment_tax must be in [0, 1], got {alignment_tax}")
@@ -181,6 +183,10 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
 
     ifa = [{"prompt": p, "response": r, "family": f, "reference": r}
            for f, p, r, _ in _fresh(random.Random(f"{seed}-ifa"), n_ifa, seen)]
+    rng = random.Random(f"{seed}-ifa-style")  # its own stream: at 0 the world is exactly the one without the knob
+    for record in ifa:
+        if rng.random() < ifa_styled_fraction:
+            record["response"] = styled(record["response"])
 
     rng = random.Random(f"{seed}-hpa")
     kinds = [k for k, c in zip(PAIR_KINDS, _counts(n_hpa, pair_mix)) for _ in range(c)]
@@ -197,7 +203,7 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
         hpa.append({"prompt": p, "chosen": chosen, "rejected": rejected, "family": f, "reference": r, "pair": kind})
     config = {"seed": seed, "n_corpus": n_corpus, "n_ifa": n_ifa, "n_hpa": n_hpa, "n_test": n_test,
               "alignment_tax": alignment_tax, "pair_mix": list(pair_mix), "chat_fraction": chat_fraction,
-              "styled_fraction": styled_fraction}
+              "styled_fraction": styled_fraction, "ifa_styled_fraction": ifa_styled_fraction}
     return World(corpus, ifa, hpa, test, config)
 
 

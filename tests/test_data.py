@@ -228,6 +228,21 @@ def test_bad_tokenizer_files(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The embedded world
 
+def test_styled_demonstrations_change_only_the_demonstrations(small_world):
+    """ifa_styled_fraction writes about that share of the demonstrations in the style (content and references
+    unchanged) and leaves everything else of the world as it was; at 0 the world is the one without the knob."""
+    sizes = dict(seed=1, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80)
+    styled = data.make_world(**sizes, ifa_styled_fraction=0.25)
+    assert data.make_world(**sizes, ifa_styled_fraction=0.0) == small_world
+    assert (styled.corpus, styled.hpa, styled.test) == (small_world.corpus, small_world.hpa, small_world.test)
+    changed = [(a, b) for a, b in zip(small_world.ifa, styled.ifa) if a != b]
+    assert 30 <= len(changed) <= 70  # 200 x 0.25, binomial
+    for plain, polite in changed:
+        assert polite["response"] == world.styled(plain["response"]) and world.is_styled(polite["response"])
+        assert polite["reference"] == plain["reference"] == plain["response"]
+        assert world.ifa_score(plain, polite["response"]) == 1.0  # the gold IFA score ignores the style
+
+
 def test_world_is_deterministic_balanced_and_held_out(small_world, tok):
     again = data.make_world(seed=1, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80)
     assert again == small_world and data.make_world(seed=2, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80) != again

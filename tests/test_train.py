@@ -343,6 +343,9 @@ BAD_INPUT = {
     "--f-max -1": (lambda d, tmp: ["--f-max", "-1"], "--f-max"),
     "--ipo with --label-smoothing": (lambda d, tmp: ["--ipo", "--label-smoothing", "0.1"], "--label-smoothing"),
     "--n-splits larger than the data": (lambda d, tmp: ["--n-splits", "1000"], "--n-splits"),
+    "--fsdp without torchrun": (lambda d, tmp: ["--fsdp"], "--fsdp"),
+    "--fsdp with element-wise EWC": (lambda d, tmp: ["--fsdp", "--ewc-elementwise"], "--ewc-elementwise"),
+    "--ifa-styled 2": (lambda d, tmp: ["--ifa-styled", "2"], "--ifa-styled"),
 }
 
 
