@@ -5,6 +5,7 @@ The small-scale study: Hbat against two-stage over seeds, and the ablations of t
     python study.py --algo ppo --seeds 0 1 2 --only main     # just the main comparison
     python study.py --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
     python study.py --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base model
+    python study.py --algo ppo --ifa-styled 0.1 --taxes 0.5 --only main  # 10% of demonstrations in the style
 
 Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
 and stage by stage; a finished run's results.json is read, not run again). Every ablation is compared with the two-stage run of the same seed and c. Writes
@@ -34,7 +35,8 @@ ABLATIONS = (
 
 def run(args, out, flags):
     cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset,
-           "--world-seed", str(args.world_seed)] + flags
+           "--world-seed", str(args.world_seed)] + (["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled else [])
+    cmd += flags
     print(" ".join(cmd), flush=True)
     if args.dry:
         return None
@@ -83,10 +85,13 @@ def main():
     p.add_argument("--eval-every", type=int, default=10, help="steps between mid-run evaluations (Figure 5)")
     p.add_argument("--dry", action="store_true", help="print the commands only")
     p.add_argument("--quiet", action="store_true", help="hide train.py's output")
+    p.add_argument("--ifa-styled", type=float, default=0.0, help="train.py --ifa-styled: share of demonstrations "
+                   "written in the style")
     p.add_argument("--rerun", action="store_true", help="call train.py for finished runs too (it resumes: only "
                    "their evaluation is repeated); by default their results.json is read")
     args = p.parse_args()
-    root = args.out or f"runs/study_{args.algo}" + (f"_world{args.world_seed}" if args.world_seed else "")
+    root = args.out or (f"runs/study_{args.algo}" + (f"_world{args.world_seed}" if args.world_seed else "")
+                        + (f"_styled{args.ifa_styled}" if args.ifa_styled else ""))
     os.makedirs(root, exist_ok=True)
     table, main_runs = {}, {}
     for c in args.taxes:
@@ -120,7 +125,8 @@ def main():
     if args.dry:
         return
     with open(os.path.join(root, "STUDY.md"), "w") as f:
-        f.write(f"# Study: {args.algo}, world {args.world_seed}, seeds {args.seeds}\n\n{summarise(table)}\n")
+        f.write(f"# Study: {args.algo}, world {args.world_seed}, styled demonstrations {args.ifa_styled}, "
+                f"seeds {args.seeds}\n\n{summarise(table)}\n")
     print(summarise(table))
     plot(root, main_runs, table)
 
