@@ -51,9 +51,10 @@ def parameter_change(before: dict[str, Tensor], after: dict[str, Tensor], elemen
     change = {n: (local(after[n]).float() - local(before[n]).float()).square() for n in before}
     if elementwise:
         return change
-    sums = torch.stack([c.sum() for c in change.values()]) if change else torch.zeros(0)
-    if any(isinstance(t, DTensor) for t in before.values()):
-        dist.all_reduce(sums)  # FSDP: each rank summed its shards; the mean is over the whole tensor
+    if not any(isinstance(t, DTensor) for t in before.values()):
+        return {n: c.mean().item() for n, c in change.items()}
+    sums = torch.stack([c.sum() for c in change.values()])
+    dist.all_reduce(sums)  # FSDP: each rank summed its shards; the mean is over the whole tensor
     return {n: s / before[n].numel() for n, s in zip(change, sums.tolist())}
 
 

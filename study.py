@@ -35,7 +35,8 @@ ABLATIONS = (
 
 def run(args, out, flags):
     cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset,
-           "--world-seed", str(args.world_seed)] + (["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled else [])
+           "--world-seed", str(args.world_seed)]
+    cmd += ["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled is not None else []
     cmd += flags
     print(" ".join(cmd), flush=True)
     if args.dry:
@@ -85,13 +86,13 @@ def main():
     p.add_argument("--eval-every", type=int, default=10, help="steps between mid-run evaluations (Figure 5)")
     p.add_argument("--dry", action="store_true", help="print the commands only")
     p.add_argument("--quiet", action="store_true", help="hide train.py's output")
-    p.add_argument("--ifa-styled", type=float, default=0.0, help="train.py --ifa-styled: share of demonstrations "
-                   "written in the style")
+    p.add_argument("--ifa-styled", type=float, default=None, help="train.py --ifa-styled: share of demonstrations "
+                   "written in the style (default: train.py's, 0 for dpo and 0.1 for ppo)")
     p.add_argument("--rerun", action="store_true", help="call train.py for finished runs too (it resumes: only "
                    "their evaluation is repeated); by default their results.json is read")
     args = p.parse_args()
     root = args.out or (f"runs/study_{args.algo}" + (f"_world{args.world_seed}" if args.world_seed else "")
-                        + (f"_styled{args.ifa_styled}" if args.ifa_styled else ""))
+                        + (f"_styled{args.ifa_styled}" if args.ifa_styled is not None else ""))
     os.makedirs(root, exist_ok=True)
     table, main_runs = {}, {}
     for c in args.taxes:
@@ -125,7 +126,7 @@ def main():
     if args.dry:
         return
     with open(os.path.join(root, "STUDY.md"), "w") as f:
-        f.write(f"# Study: {args.algo}, world {args.world_seed}, styled demonstrations {args.ifa_styled}, "
+        f.write(f"# Study: {args.algo}, world {args.world_seed}, --ifa-styled {args.ifa_styled}, "
                 f"seeds {args.seeds}\n\n{summarise(table)}\n")
     print(summarise(table))
     plot(root, main_runs, table)

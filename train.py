@@ -52,14 +52,16 @@ PRESETS = {
     "default": dict(n_ifa=1200, n_hpa=1200, n_test=300, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                     pretrain_steps=1500, pretrain_batch=64, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                     lr_ifa=2e-4, lr_hpa=2e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
-                    max_new_tokens=24),
+                    max_new_tokens=24, ifa_styled=0.0),
     # the whole pipeline in seconds, for tests and a first look
     "smoke": dict(n_ifa=64, n_hpa=64, n_test=16, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                   pretrain_steps=30, pretrain_batch=16, batch_size=8, epochs_ifa=1, epochs_hpa=1,
                   lr_ifa=1e-3, lr_hpa=1e-3, rm_epochs=1, ppo_epochs=1, rollout_batch=16, minibatch=8,
-                  max_new_tokens=12),
+                  max_new_tokens=12, ifa_styled=0.0),
 }
-PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4)  # §6.2: 3 passes over the prompts, policy lr 3e-4
+# §6.2: 3 passes over the prompts, policy lr 3e-4; and 10% of the demonstrations in the style, since PPO can only
+# reinforce what it samples: with none, the SFT policy samples no styled answer at all (README, "PPO")
+PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4, ifa_styled=0.1)
 
 
 def die(message, code=2):
@@ -103,8 +105,8 @@ def get_args(argv=None):
     a("--n-test", type=int, help="preset: held-out evaluation prompts")
     a("--alignment-tax", type=float, default=0.5, help="c: how often annotators prefer a stylish wrong answer (0..1)")
     a("--world-seed", type=int, default=0, help="seed of the embedded world (kept fixed across --seed)")
-    a("--ifa-styled", type=float, default=0.0, help="share of the world's demonstrations written in the polite "
-      "style (0: never, as in the study; PPO can only reinforce a style its samples show)")
+    a("--ifa-styled", type=float, help="preset: share of the world's demonstrations written in the polite style "
+      "(default 0; 0.1 under --algo ppo, which can only reinforce a style its samples show)")
     a("--max-seq-len", type=int, default=128, help="longest prompt+response; longer prompts keep their end")
     # model
     a("--model", help="base model: our .pt, a Meta or a Hugging Face LLaMA dir; default: a tiny base pretrained here")
@@ -162,6 +164,8 @@ def get_args(argv=None):
     a("--export-hf", action="store_true", help="also write each aligned model to OUT/<schedule>-hf in the Hugging "
       "Face LLaMA layout (config.json, model.safetensors, tokenizer.model)")
     args = p.parse_args(argv)
+    if args.ifa_styled is not None and args.ifa_data:
+        p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, PPO_OVERRIDES.get(k, v) if args.algo == "ppo" and args.preset == "default" else v)
@@ -195,8 +199,6 @@ def check_args(args, p):
         p.error("--ifa-data and --hpa-data go together")
     if args.ifa_data and not args.model:
         p.error("--ifa-data/--hpa-data need --model (a tiny base is only pretrained on the embedded world)")
-    if args.ifa_styled and args.ifa_data:
-        p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
     if args.judge and not args.ifa_data:
         p.error("--judge applies to --ifa-data/--hpa-data runs (the embedded world has its gold judge)")
     if args.fsdp and not args.dry_run:
