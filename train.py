@@ -4,14 +4,16 @@ Hybrid Alignment Training: the one training loop.
     python train.py --algo dpo                    # the small-scale reproduction on the embedded world
     python train.py --algo ppo                    # the same with a reward model and PPO
     python train.py --algo dpo --preset smoke     # the whole pipeline in seconds
-    torchrun --nproc_per_node 2 train.py --algo dpo --preset smoke
+    torchrun --nproc_per_node 2 train.py --algo dpo --preset smoke            # DDP
+    torchrun --nproc_per_node 8 train.py --fsdp --model /data/llama-2-7b ...  # sharded (parallel.py); README has it all
 
 A run: tokenizer -> base model -> (PPO only) a reward model trained once on D_HPA -> each schedule of hbat.py from
 the same base -> greedy evaluation on held-out prompts -> OUT/results.json and a side-by-side table. Every stage runs
 the same loop (`optimize`): set lr -> loss (+ EWC penalty) -> backward -> clip -> step. `--algo` only picks which loss
 the HPA stages call. After every stage a checkpoint is written atomically; re-running the same command with the same
 --out resumes after the last completed stage and ends with the same numbers (all randomness is drawn from generators
-seeded per stage, so nothing but the weights and the EWC accumulators needs restoring).
+seeded per stage, so nothing but the weights and the EWC accumulators needs restoring) on the same device and
+thread count: training is chaotic enough that float rounding alone moves single runs (README, "Results").
 """
 import argparse
 import copy
