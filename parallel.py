@@ -4,7 +4,7 @@ Every model a run trains or consults is placed by `place`. With --fsdp it is sha
 each transformer block, then on the whole), so a GPU holds 1/world of its weights, gradients, AdamW moments and EWC
 anchor (memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict() holds
 shards: hence copy_of, full_state, load_full_state and gathered, each of which is the plain one-liner it stands for
-when --fsdp is off. Under DDP, `Objective` is what DDP wraps.
+when --fsdp is off. The training loop reaches DDP and FSDP only through wrap, grad_sync and clip_grad_norm.
 """
 import os
 from contextlib import contextmanager, nullcontext
@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 import reward
 
@@ -116,3 +117,29 @@ class Objective(nn.Module):
 
     def forward(self, loss_fn, batch):
         return loss_fn(self.module, batch)
+
+
+def wrap(args, module):
+    """What the training loop calls its loss through: Objective(module), inside DistributedDataParallel under DDP
+    (FSDP needs no wrapper: the sharded modules sync their own gradients)."""
+    model = Objective(module)
+    if args.world > 1 and not args.fsdp:
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    return model
+
+
+def grad_sync(model, sync):
+    """Context for one micro-step of gradient accumulation: gradients are averaged over ranks only when `sync`
+    (the last micro-step). Must be entered before the forward: DDP's no_sync, or FSDP's per-module flag."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else model.no_sync()
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(sync, recurse=False)
+    return nullcontext()
+
+
+def clip_grad_norm(params, max_norm) -> float:
+    """Clip the global gradient norm; returns the norm before clipping (under FSDP gathered from every shard)."""
+    norm = nn.utils.clip_grad_norm_(params, max_norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()

@@ -222,14 +222,15 @@ class AdaptiveKLController:
 
 # --- rollout: sample, score, shape rewards, advantages (§4.2) --------------------------------------------------
 
-def make_critic(reward_model):
-    """The value network: a trainable copy of the reward model (Stiennon et al. 2020; Ouyang et al. 2022).
+def make_critic(reward_model, copy_fn=copy.deepcopy):
+    """The value network: a trainable copy of the reward model (Stiennon et al. 2020; Ouyang et al. 2022). `copy_fn`
+    makes the copy (train.py passes one that works for sharded models, which cannot be deep-copied).
 
     Why the RM and not the policy plus a fresh head: the RM already reads prompt + response and outputs a number
     on the score's scale, so at the first rollout its values are close to the returns (above all at the last
     token, where the return is the score), and the first advantages are not noise from an untrained head. A
     separate network also keeps the value loss from pulling on the policy's weights."""
-    return copy.deepcopy(reward_model).train().requires_grad_(True)
+    return copy_fn(reward_model).train().requires_grad_(True)
 
 
 def collate(prompts, responses, pad_id, device=None):

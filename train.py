@@ -22,15 +22,12 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import checkpoint
@@ -242,10 +239,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     policy = module.policy if isinstance(module, nn.ModuleDict) else module  # PPO also trains a critic: no EWC on it
-    model = parallel.Objective(module)
-    if args.world > 1 and not args.fsdp:
-        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext
+    model = parallel.wrap(args, module)
     step, sums, count = 0, {}, 0
     bar = tqdm(total=n_steps, desc=name, leave=False, position=2, disable=None if args.rank == 0 else True)
     for batch in batches:
@@ -255,11 +249,8 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
                 g["lr"] = lr * lr_at(step, n_steps, args.warmup)
             metrics = {}
             for i, micro in enumerate(update):
-                # DDP syncs gradients on the last micro-step only; the flag must be set before the forward
-                sync = args.world == 1 or i == args.grad_accum - 1
-                for fsdp_module in (m for m in module.modules() if isinstance(m, FSDPModule)):
-                    fsdp_module.set_requires_gradient_sync(sync, recurse=False)
-                with (nullcontext() if sync else no_sync()), args.autocast():
+                # gradients are synced across ranks on the last micro-step only, set before the forward
+                with parallel.grad_sync(model, i == args.grad_accum - 1), args.autocast():
                     loss, m = model(loss_fn, micro)
                     if ewc is not None and ewc.active:
                         penalty = ewc.penalty(policy)  # under FSDP this rank's part of it: the log sums them
@@ -270,8 +261,7 @@ def optimize(args, module, loss_fn, batches, n_steps, lr, name, ewc=None, log=No
                 (loss / args.grad_accum).backward()
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / args.grad_accum
-            norm = nn.utils.clip_grad_norm_(params, args.grad_clip)  # under FSDP a DTensor
-            metrics["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+            metrics["grad_norm"] = parallel.clip_grad_norm(params, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ewc is not None:
@@ -558,8 +548,7 @@ def run_ppo_stage(args, stage, model, hpa_local, ewc, rm, tok, seed, log, fresh)
                         max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
                         **(dict(adaptive_kl=True, kl_target=args.kl_target) if args.kl_target else {}))
     ref_model = parallel.copy_of(args, model, fresh).eval().requires_grad_(False)
-    # the critic starts as a trainable copy of the reward model (ppo.make_critic says why)
-    critic = parallel.copy_of(args, rm, lambda: reward.RewardModel(fresh())).train().requires_grad_(True)
+    critic = ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(args, m, lambda: reward.RewardModel(fresh())))
     modules = nn.ModuleDict(dict(policy=model, critic=critic))
     prompts = [ex[0] for ex in hpa_local]
     g = torch.Generator(device=args.device).manual_seed(seed)
