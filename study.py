@@ -12,7 +12,7 @@ and stage by stage; a finished run's results.json is read, not run again: --reru
 the two-stage run of the same seed and c. Writes
 OUT/STUDY.md (mean ± std over seeds of IFA score, HPA score and the gold win rate against two-stage) and, when
 matplotlib is installed, OUT/curves.png (IFA and HPA scores over training steps, the paper's Figure 5) and
-OUT/sweeps.png (the N and F_max sweeps, its Figure 2).
+OUT/sweeps.png (the N, F_max and F_max_ifa sweeps, its Figure 2).
 """
 import argparse
 import json
@@ -38,6 +38,7 @@ def run(args, out, flags):
     cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset,
            "--world-seed", str(args.world_seed)]
     cmd += ["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled is not None else []
+    cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     cmd += flags
     print(" ".join(cmd), flush=True)
     if args.dry:
@@ -89,6 +90,7 @@ def main():
     p.add_argument("--quiet", action="store_true", help="hide train.py's output")
     p.add_argument("--ifa-styled", type=float, default=None, help="train.py --ifa-styled: share of demonstrations "
                    "written in the style (default: train.py's, 0 for dpo and 0.1 for ppo)")
+    p.add_argument("--cache-dir", help="train.py --cache-dir (default: train.py's)")
     p.add_argument("--rerun", action="store_true", help="call train.py for finished runs too (it resumes: only "
                    "their evaluation is repeated); by default their results.json is read")
     args = p.parse_args()
@@ -130,10 +132,13 @@ def main():
         f.write(f"# Study: {args.algo}, world {args.world_seed}, --ifa-styled {args.ifa_styled}, "
                 f"seeds {args.seeds}\n\n{summarise(table)}\n")
     print(summarise(table))
-    plot(root, main_runs, table)
+    plot(root, main_runs, table, args.taxes[0])
 
 
-def plot(root, main_runs, table):
+def plot(root, main_runs, table, c):
+    """curves.png: IFA and HPA score over optimizer steps, mean over seeds with a ±std band, per schedule and c.
+    sweeps.png: for N, F_max and F_max_ifa, hbat's IFA score, HPA score and win rate against two-stage (mean ± std
+    over seeds; the default value is the main runs), with two-stage's mean (and a 0.5 win rate) dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -141,36 +146,57 @@ def plot(root, main_runs, table):
     except ImportError:
         print("matplotlib not installed: tables written, no plots")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (c, seed), out in main_runs.items():
+    curves = {}  # (schedule, c) -> {step: [(ifa, hpa), one per seed]}
+    for (c_run, seed), out in main_runs.items():
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if '"eval/ifa_score"' in line]
-        for name, style in (("two-stage", "--"), ("hbat", "-")):
-            pts = [(r["step"], r["eval/ifa_score"], r["eval/hpa_score"]) for r in rows if r["schedule"] == name]
-            if pts:
-                steps, ifa, hpa = zip(*pts)
-                axes[0].plot(steps, ifa, style, alpha=0.7, label=f"{name} c={c} s={seed}")
-                axes[1].plot(steps, hpa, style, alpha=0.7, label=f"{name} c={c} s={seed}")
+            for r in (json.loads(line) for line in f if '"eval/ifa_score"' in line):
+                curves.setdefault((r["schedule"], c_run), {}).setdefault(r["step"], []).append(
+                    (r["eval/ifa_score"], r["eval/hpa_score"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {name: f"C{i}" for i, name in enumerate(sorted({name for name, _ in curves}))}
+    for (name, c_run), by_step in sorted(curves.items()):
+        steps = sorted(by_step)
+        for ax, j in zip(axes, (0, 1)):
+            ys = [[v[j] for v in by_step[s]] for s in steps]
+            mean = [statistics.mean(y) for y in ys]
+            std = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+            line, = ax.plot(steps, mean, "-" if c_run == c else "--", color=colors[name],
+                            label=f"{name} c={c_run} ({len(ys[0])} seeds)")
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
     for ax, title in zip(axes, ("IFA score (content)", "HPA score (gold reward)")):
         ax.set_xlabel("optimizer step")
         ax.set_title(title)
-    axes[1].legend(fontsize=6)
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "curves.png"), dpi=120)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, prefix, label in ((axes[0], "N=", "N"), (axes[1], "F_max=", "F_max")):
-        pts = [(float(k.split(prefix)[1]), v) for k, v in table.items() if f" {prefix}" in k]
-        main_key = next((k for k in table if k.endswith(" hbat")), None)  # the main runs: N = 4, F_max = 1
-        pts = sorted(pts + ([(4.0 if label == "N" else 1.0, table[main_key])] if main_key else []))
-        if not pts:
-            continue
+
+    import train  # the defaults the main runs used: the point every sweep passes through
+    defaults = train.get_args([])
+    sweeps = [("N", "N=", defaults.n_splits), ("F_max (HPA stages)", "F_max=", defaults.f_max),
+              ("F_max_ifa (IFA stages)", "F_max_ifa=", defaults.f_max_ifa)]
+    main_key, two_stage = f"c={c} hbat", table.get(f"c={c} two-stage", [])
+    sweeps = [s for s in sweeps if any(k.startswith(f"c={c} hbat {s[1]}") for k in table)]
+    if not sweeps or main_key not in table:
+        return
+    fig, axes = plt.subplots(len(sweeps), 3, figsize=(13, 3.3 * len(sweeps)), squeeze=False)
+    for row, (label, prefix, default) in zip(axes, sweeps):
+        pts = sorted([(float(k.split(prefix)[1]), runs) for k, runs in table.items()
+                      if k.startswith(f"c={c} hbat {prefix}")] + [(float(default), table[main_key])])
         xs = [x for x, _ in pts]
-        for key, name in (("ifa_score", "IFA score"), ("hpa_score", "HPA score")):
-            ys = [statistics.mean(m[key] for m, _ in runs) for _, runs in pts]
-            ax.plot(xs, ys, "o-", label=name)
-        ax.set_xlabel(label)
-        ax.set_xscale("symlog", linthresh=0.01) if label == "F_max" else None
-        ax.legend()
+        for ax, key, title in zip(row, ("ifa_score", "hpa_score", None), ("IFA score", "HPA score", "win rate")):
+            ys = [[m[key] for m, _ in runs] if key else [w for _, w in runs] for _, runs in pts]
+            ax.errorbar(xs, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
+                        fmt="o-", capsize=3, label="hbat")
+            ref = statistics.mean(m[key] for m, _ in two_stage) if key and two_stage else 0.5 if not key else None
+            if ref is not None:
+                ax.axhline(ref, ls="--", color="gray", label="two-stage" if key else "tie")
+            ax.set_xlabel(label)
+            ax.set_title(f"{title} (c = {c})")
+            if "F_max" in label:
+                ax.set_xscale("symlog", linthresh=0.1)
+                ax.set_xlim(0, 2 * max(xs))
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(root, "sweeps.png"), dpi=120)
 
