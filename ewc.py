@@ -230,6 +230,7 @@ class EWC:
             _accumulate(self.fisher[kind], state["fisher"][kind])
         self.rng.set_state(state["rng"].cpu())
 
+
 def _accumulate(total: dict, new: dict):
     """total[n] += new[n] for floats or tensors; tensors are kept on the CPU in fp32."""
     for n, v in new.items():

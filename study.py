@@ -41,9 +41,10 @@ def run(args, out, flags):
     cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     cmd += flags
     print(" ".join(cmd), flush=True)
-    if args.dry:
+    finished = os.path.exists(os.path.join(out, "results.json"))
+    if args.dry or (args.report and not finished):
         return None
-    if args.rerun or not os.path.exists(os.path.join(out, "results.json")):  # else a finished run: read it
+    if args.rerun or not finished:  # else a finished run: read it
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
@@ -61,15 +62,28 @@ def mean_std(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # two-sided 95% t, df = 1..10
+
+
+def interval(xs):
+    """The 95% t-interval of the mean of xs (seeds are few: a normal interval would be too narrow)."""
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return "-"
+    half = (T95[len(xs) - 2] if len(xs) <= 11 else 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
+    return f"{statistics.mean(xs) - half:.2f} to {statistics.mean(xs) + half:.2f}"
+
+
 def summarise(rows):
     """rows: {setting: [(metrics, win rate vs two-stage), one per seed]} -> markdown table."""
-    lines = ["| setting | seeds | IFA score | HPA score | styled | no EOS | win rate vs two-stage |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | seeds | IFA score | HPA score | styled | no EOS | win rate vs two-stage | its 95% CI |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         ms = [m for m, _ in runs]
         lines.append(f"| {name} | {len(runs)} | {mean_std([m['ifa_score'] for m in ms])} | "
                      f"{mean_std([m['hpa_score'] for m in ms])} | {mean_std([m.get('styled') for m in ms])} | "
-                     f"{mean_std([m['no_eos'] for m in ms])} | {mean_std([w for _, w in runs])} |")
+                     f"{mean_std([m['no_eos'] for m in ms])} | {mean_std([w for _, w in runs])} | "
+                     f"{interval([w for _, w in runs])} |")
     return "\n".join(lines)
 
 
@@ -87,6 +101,8 @@ def main():
     p.add_argument("--out", default=None, help="default: runs/study_<algo>")
     p.add_argument("--eval-every", type=int, default=10, help="steps between mid-run evaluations (Figure 5)")
     p.add_argument("--dry", action="store_true", help="print the commands only")
+    p.add_argument("--report", action="store_true", help="run nothing: write the tables and plots from the runs "
+                   "that have finished")
     p.add_argument("--quiet", action="store_true", help="hide train.py's output")
     p.add_argument("--ifa-styled", type=float, default=None, help="train.py --ifa-styled: share of demonstrations "
                    "written in the style (default: train.py's, 0 for dpo and 0.1 for ppo)")
