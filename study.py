@@ -40,13 +40,16 @@ def run(args, out, flags):
     cmd += ["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled is not None else []
     cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     cmd += flags
-    print(" ".join(cmd), flush=True)
-    finished = os.path.exists(os.path.join(out, "results.json"))
-    if args.dry or (args.report and not finished):
+    path = os.path.join(out, "results.json")
+    if not args.report:
+        print(" ".join(cmd), flush=True)
+        if args.dry:
+            return None
+        if args.rerun or not os.path.exists(path):  # else a finished run: read it
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
+    if not os.path.exists(path):  # --report: not finished yet
         return None
-    if args.rerun or not finished:  # else a finished run: read it
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
-    with open(os.path.join(out, "results.json")) as f:
+    with open(path) as f:
         return json.load(f)
 
 

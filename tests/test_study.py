@@ -51,3 +51,10 @@ def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path):
         row = next(line for line in f if line.startswith("| c=0.5 hbat ewc=none |"))
     assert row.split("|")[-3].strip() == f"{expected:.3f}"  # the win rate column; one seed: no interval
     assert 0 < expected < 1
+    # --report runs nothing: seed 1 has not run, so it is left out of the table, not started
+    proc = subprocess.run([sys.executable, "study.py", "--algo", "dpo", "--seeds", "0", "1", "--taxes", "0.5",
+                           "--ablations", "ewc=none", "--out", str(tmp_path / "study"), "--report", *common],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| c=0.5 hbat ewc=none | 1 |" in proc.stdout
+    assert not os.path.exists(tmp_path / "study" / "main_c0.5_s1")
