@@ -6,11 +6,13 @@ The small-scale study: Hbat against two-stage over seeds, and the ablations of t
     python study.py --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
     python study.py --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base model
     python study.py --algo ppo --ifa-styled 0.1 --taxes 0.5 --only main  # 10% of demonstrations in the style
+    python study.py --algo dpo --seeds 0 1 2 3 4 --report    # tables and plots from the runs finished so far
 
 Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
 and stage by stage; a finished run's results.json is read, not run again: --rerun). Every ablation is compared with
 the two-stage run of the same seed and c. Writes
-OUT/STUDY.md (mean ± std over seeds of IFA score, HPA score and the gold win rate against two-stage) and, when
+OUT/STUDY.md (mean ± std over seeds of IFA score, HPA score and the gold win rate against two-stage, and the 95%
+t-interval of the mean win rate) and, when
 matplotlib is installed, OUT/curves.png (IFA and HPA scores over training steps, the paper's Figure 5) and
 OUT/sweeps.png (the N, F_max and F_max_ifa sweeps, its Figure 2).
 """
