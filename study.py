@@ -75,7 +75,8 @@ def interval(xs):
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return "-"
-    half = (T95[len(xs) - 2] if len(xs) <= 11 else 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
+    t = T95[min(len(xs), 11) - 2]  # beyond 11 seeds t(df = 10): slightly wider than the exact interval
+    half = t * statistics.stdev(xs) / len(xs) ** 0.5
     return f"{statistics.mean(xs) - half:.2f} to {statistics.mean(xs) + half:.2f}"
 
 
