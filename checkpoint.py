@@ -38,9 +38,11 @@ def atomic_save(obj, path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save(params: dict, state: dict, path) -> None:
-    """Write our format, {"model_args": params, "model": state}, atomically."""
-    atomic_save({"model_args": params, "model": state}, path)
+def save(params: dict, state: dict, path, **extra) -> None:
+    """Write our format, {"model_args": params, "model": state, **extra}, atomically: the one layout of every
+    model file a run writes (the tiny base, the reward model, each schedule's checkpoint with its training state in
+    `extra`), so that `load` and model.Transformer.from_pretrained read any of them."""
+    atomic_save({"model_args": params, "model": state, **extra}, path)
 
 
 def load(path) -> tuple[dict, dict[str, torch.Tensor]]:

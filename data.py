@@ -289,6 +289,26 @@ def load_records(path, fmt=None, kind=None):
     return [{"prompt": r["prompt"], "response": r["chosen"]} for r in kept]
 
 
+def load_real_task(model, tokenizer, ifa_data, hpa_data, test_data=None, n_test=300):
+    """A real-data run's tokenizer and records: (tok, ifa, hpa, test), test as {"prompt", "reference"}.
+
+    tokenizer: a tokenizer.model path, or None to find it inside the model folder (Hugging Face keeps it there) or
+    beside it (Meta's download keeps it next to the llama-2-7b/ folder). Without test_data the last n_test
+    demonstrations are held out as the test prompts."""
+    model_dir = os.path.abspath(model if os.path.isdir(model) else os.path.dirname(model))
+    found = [p for p in (os.path.join(d, "tokenizer.model") for d in (model_dir, os.path.dirname(model_dir)))
+             if os.path.exists(p)]
+    if not (tokenizer or found):
+        raise DataError(f"no tokenizer.model in or beside {model_dir}: give --tokenizer")
+    tok = Tokenizer.load(tokenizer or found[0])
+    ifa, hpa = load_records(ifa_data, kind="ifa"), load_records(hpa_data, kind="hpa")
+    if not test_data and len(ifa) <= n_test:
+        raise DataError(f"{ifa_data}: {len(ifa)} demonstrations leave none for training after --n-test {n_test}; "
+                        f"lower --n-test or give --test-data")
+    test, ifa = (load_records(test_data, kind="ifa"), ifa) if test_data else (ifa[-n_test:], ifa[:-n_test])
+    return tok, ifa, hpa, [{"prompt": r["prompt"], "reference": r["response"]} for r in test]
+
+
 def save_records(path, records):
     """Write records as JSON lines (the format load_records reads back as "ifa" or "hpa")."""
     with open(path, "w", encoding="utf-8") as f:
@@ -366,6 +386,34 @@ def hpa_batch(examples, pad_id=0):
     Rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected, so one forward pass scores both.
     """
     return _pad_rows([(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples], pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A stage's batches
+
+def shuffled(n, batch_size, epochs, seed):
+    """For `epochs` seeded shuffles of range(n), each full batch of indices; the ragged last one is dropped, so
+    that every rank takes the same number of steps."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g).tolist()
+        yield from (order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+
+
+def batches_of(examples, batch_size, epochs, seed, collate, n_micro, device):
+    """`shuffled` batches of examples (this rank's shard of a stage's data), each as a list of n_micro
+    micro-batches (indices, *collate(examples)) on device. Micro-batches are collated separately, so that a DPO
+    micro-batch keeps each chosen row with its rejected row."""
+    for idx in shuffled(len(examples), batch_size, epochs, seed):
+        k = len(idx) // n_micro
+        yield [(torch.tensor(idx[j:j + k]),) + tuple(t.to(device) for t in collate([examples[i] for i in idx[j:j + k]]))
+               for j in range(0, len(idx), k)]
+
+
+def shard_of(examples, rank, world):
+    """This rank's share of a stage's examples, the same number on every rank (FSDP's gathers need every rank to
+    run as many forward passes): every world-th example from the rank's index on."""
+    return examples[:len(examples) - len(examples) % world][rank::world]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -92,6 +92,13 @@ def reference_logps(model, examples, batch_size, device):
 # One training step's loss for each objective
 
 
+def lm_step_loss(model, tokens):
+    """Next-token loss on packed windows of text, tokens (B, T + 1): the pretraining of the tiny base."""
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    return loss, {"loss": loss.item()}
+
+
 def ifa_step_loss(model, tokens, mask):
     """IFA loss on an `data.ifa_batch` (tokens, mask: (B, T)) -> (loss, {"loss"})."""
     loss = sft_loss(model.token_logprobs(tokens, mask), mask)

@@ -1,7 +1,7 @@
 """
 Evaluation on held-out prompts: greedy answers, their scores, and the side-by-side table train.py prints.
 
-On the embedded world (HBAT.md §6) the gold judge of world.py scores each answer: IFA score (content correctness,
+On the embedded world (docs/method.md §6) the gold judge of world.py scores each answer: IFA score (content correctness,
 our analogue of the paper's ROUGE-L), HPA score (mean gold reward, our analogue of its GPT-4 judgement) and,
 between two schedules, the gold win rate. On real data there is no gold judge: ROUGE-L against the references for
 the IFA score, and a judge (below) for the HPA score and the win rates. Either way the broken outputs the DPO/PPO
@@ -60,11 +60,11 @@ def repeats(text, n=3):
     return any(len(set(words[i:i + n])) == 1 for i in range(len(words) - n + 1))
 
 
-def evaluate(model, tok, test, world, args, rm=None, judge=None):
+def evaluate(model, tok, test, world, max_new_tokens, max_seq_len, rm=None, judge=None):
     """Answer every test prompt greedily and score the answers. Returns (metrics, rows), one row per prompt.
     `world` is the embedded world (its gold judge gives the HPA score) or None for real data, where the judge gives
     it (pick_judge: `judge`, else `rm`). `rm` (PPO's reward model) also adds its mean score, rm_score."""
-    answers = respond(model, tok, test, args.max_new_tokens, args.max_seq_len)
+    answers = respond(model, tok, test, max_new_tokens, max_seq_len)
     responses = [a["text"] for a in answers]
     if world is not None:
         scores = gold.evaluate(test, responses)
@@ -72,7 +72,7 @@ def evaluate(model, tok, test, world, args, rm=None, judge=None):
     else:
         metrics = {"ifa_score": sum(gold.rouge_l(y, r["reference"]) for y, r in zip(responses, test)) / len(test)}
     if rm is not None:
-        metrics["rm_score"] = mean(RewardModelJudge(rm, tok, args.max_seq_len).score(test, responses))
+        metrics["rm_score"] = mean(RewardModelJudge(rm, tok, max_seq_len).score(test, responses))
     if world is None and (judge is not None or rm is not None):  # pick_judge's order: --judge, else the run's RM
         metrics["hpa_score"] = mean(judge.score(test, responses)) if judge is not None else metrics["rm_score"]
     metrics["no_eos"] = sum(a["stop"] is None for a in answers) / len(answers)  # neither EOS nor an end of turn

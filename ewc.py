@@ -28,6 +28,9 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 METHODS = ("modified", "original", "none", "freeze", "random")
+# F_max of HPA stages (protecting what IFA learned) and of IFA stages (protecting what HPA learned): the defaults the
+# study chose (docs/results.md); the release sweeps the first and uses 100 for the second
+F_MAX, F_MAX_IFA = 1.0, 10.0
 
 
 def trainable(model: nn.Module) -> dict[str, Tensor]:
@@ -141,15 +144,15 @@ def fisher_diag(model: nn.Module, examples, logp_fn) -> dict[str, Tensor]:
 class EWC:
     """The EWC side of the Hbat schedule: begin_stage, then penalty() and after_step() every step, then end_stage.
 
-    f_max protects HPA stages (Ω^IFA, swept in the release), f_max_ifa protects IFA stages (Ω^HPA; 100 in the
-    release). Stages of one kind are protected by the accumulator of the other (§3.2), so IFA_1 has no penalty.
+    f_max protects HPA stages (with Ω^IFA), f_max_ifa protects IFA stages (with Ω^HPA): stages of one kind are
+    protected by the accumulator of the other (§3.2), so IFA_1 has no penalty.
     For "original", end_stage takes the Fisher of the stage just finished (fisher_diag on that stage's data);
     Fishers of stages of the same kind are summed and protect the later stages of the other kind.
     Memory: the anchor is one copy of the trainable weights in their dtype and on their device (§3.4), held from
     begin_stage to end_stage; element-wise and Fisher weights add an fp32 copy. Accumulators stay on the CPU.
     """
 
-    def __init__(self, method="modified", f_max=1.0, f_max_ifa=100.0, lam=1.0, norm="max", scale=1.0,
+    def __init__(self, method="modified", f_max=F_MAX, f_max_ifa=F_MAX_IFA, lam=1.0, norm="max", scale=1.0,
                  elementwise=False, freeze_frac=0.2, seed=0):
         assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
         assert norm in ("max", "softmax"), f"norm must be 'max' or 'softmax', got {norm!r}"

@@ -214,6 +214,13 @@ def format_plan(result: dict, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def dry_run(args: ModelArgs, algo: str, gpus: int, micro_batch: int, seq_len: int, mixed_bf16: bool, live_ref: bool,
+            gpu_gb: float) -> None:
+    """`train.py --dry-run`: print the plan under DDP and fully sharded (--fsdp), side by side."""
+    for fsdp in (False, True):
+        print(format_plan(plan(args, algo, gpus, micro_batch, seq_len, mixed_bf16, fsdp, live_ref, gpu_gb)) + "\n")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Memory per GPU, on paper, of training a LLaMA config with train.py.")
     p.add_argument("model", help=f"one of {', '.join(LLAMA2)}, our .pt, a Meta or a Hugging Face directory")

@@ -8,6 +8,7 @@ when --fsdp is off. The training loop reaches DDP and FSDP only through wrap, gr
 """
 import os
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,48 +20,68 @@ from torch.distributed.tensor import DTensor
 import reward
 
 
-def setup(args):
-    """Device, process group (torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process), precision.
-    Sets args.device, rank, world, evaluates, bf16 and autocast."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1 or args.fsdp
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs; what every function below takes instead of the run's flags."""
+    device: str                             # "cpu", "cuda" or "cuda:<local rank>"
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False                      # shard every model over the ranks (--fsdp)
+    bf16: bool = False                      # bf16 autocast (and bf16 FSDP mixed precision)
+    compile: bool = False                   # torch.compile each block (--compile)
+    activation_checkpointing: bool = False  # recompute each block in backward (--activation-checkpointing)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank generates and scores answers: rank 0, or every rank under FSDP (each takes part in
+        the gathers of a sharded model)."""
+        return self.rank == 0 or self.fsdp
+
+    def autocast(self):
+        """The training step's precision: bf16 autocast keeps fp32 master weights, and the log-softmax inside
+        model.token_logprobs stays fp32."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+
+def setup(device="auto", dtype="auto", fsdp=False, compile=False, activation_checkpointing=False) -> Runtime:
+    """Device, process group (torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process), precision."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1 or fsdp
     if ddp:
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-        if args.device == "cuda":
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    args.rank, args.world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    args.evaluates = args.rank == 0 or args.fsdp  # under FSDP every rank takes part in generating
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and args.device.startswith("cuda"))
-    # bf16 autocast keeps fp32 master weights; the log-softmax inside model.token_logprobs stays fp32
-    args.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.bf16 else nullcontext
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    bf16 = dtype == "bf16" or (dtype == "auto" and device.startswith("cuda"))
+    return Runtime(device, rank, world, fsdp, bf16, compile, activation_checkpointing)
 
 
-def barrier(args):
-    if args.world > 1:
+def barrier(rt):
+    if rt.world > 1:
         dist.barrier()
 
 
-def mean_over_ranks(metrics, args):
-    if args.world == 1 or not metrics:
+def mean_over_ranks(metrics, rt):
+    if rt.world == 1 or not metrics:
         return metrics
-    t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=args.device)
+    t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=rt.device)
     dist.all_reduce(t)
-    return dict(zip(metrics, (t / args.world).tolist()))
+    return dict(zip(metrics, (t / rt.world).tolist()))
 
 
-def place(args, module):
+def place(rt, module):
     """A fresh, unsharded module onto the device, with --compile and --activation-checkpointing applied; with
     --fsdp, sharded over the ranks there."""
     trunk = module.trunk if isinstance(module, reward.RewardModel) else module
-    trunk.checkpointing = args.activation_checkpointing
-    if args.compile:
+    trunk.checkpointing = rt.activation_checkpointing
+    if rt.compile:
         for layer in trunk.layers:
             layer.compile()  # per block, in place (FSDP's gathers stay outside the compiled code)
-    if not args.fsdp:
-        return module.to(args.device)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None, reduce_dtype=torch.float32)
+    if not rt.fsdp:
+        return module.to(rt.device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if rt.bf16 else None, reduce_dtype=torch.float32)
     for layer in trunk.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
@@ -70,33 +91,33 @@ def place(args, module):
     return module
 
 
-def copy_of(args, module, fresh):
+def copy_of(rt, module, fresh):
     """An independent copy of `module` (a placed one cannot be deep-copied: FSDP forbids it, compiled blocks would
     share code with the original); fresh() builds an unplaced module of the same shape."""
-    new = place(args, fresh())
+    new = place(rt, fresh())
     new.load_state_dict(module.state_dict())  # under FSDP shard by shard: both are laid out over the same ranks
     return new
 
 
-def full_state(args, module):
+def full_state(rt, module):
     """The whole state_dict, for saving (under FSDP every rank must call this; only rank 0 gets it, on the CPU)."""
-    if not args.fsdp:
+    if not rt.fsdp:
         return module.state_dict()
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(args, module, state):
-    if args.fsdp:
+def load_full_state(rt, module, state):
+    if rt.fsdp:
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
     else:
         module.load_state_dict(state)
 
 
 @contextmanager
-def gathered(args, model):
+def gathered(rt, model):
     """Generation under FSDP: every block keeps its weights gathered after its first use, so that the prefill is
     the only collective and ranks whose rows all ended early may stop decoding before the others."""
-    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if args.fsdp else []
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if rt.fsdp else []
     for m in blocks:
         m.set_reshard_after_forward(False, recurse=False)
     try:
@@ -119,11 +140,11 @@ class Objective(nn.Module):
         return loss_fn(self.module, batch)
 
 
-def wrap(args, module):
+def wrap(rt, module):
     """What the training loop calls its loss through: Objective(module), inside DistributedDataParallel under DDP
     (FSDP needs no wrapper: the sharded modules sync their own gradients)."""
     model = Objective(module)
-    if args.world > 1 and not args.fsdp:
+    if rt.world > 1 and not rt.fsdp:
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     return model
 

@@ -193,8 +193,8 @@ def plot(root, main_runs, table, c):
     fig.tight_layout()
     fig.savefig(os.path.join(root, "curves.png"), dpi=120)
 
-    import train  # the defaults the main runs used: the point every sweep passes through
-    defaults = train.get_args([])
+    import config  # the defaults the main runs used: the point every sweep passes through
+    defaults = config.get_args([])
     sweeps = [("N", "N=", defaults.n_splits), ("F_max (HPA stages)", "F_max=", defaults.f_max),
               ("F_max_ifa (IFA stages)", "F_max_ifa=", defaults.f_max_ifa)]
     main_key, two_stage = f"c={c} hbat", table.get(f"c={c} two-stage", [])

@@ -240,8 +240,7 @@ def test_answers_stop_at_eos_or_end_of_turn(llama_tok):
     assert [a["stop"] for a in answers] == ["end_of_turn", "eos", None]
     assert answers[0]["ids"] == scripted[0][:5] and tok.decode(answers[0]["ids"]) == " Sure"  # whole tokens before it
     assert answers[1]["ids"] == scripted[1][:-1]
-    args = SimpleNamespace(max_new_tokens=40, max_seq_len=96)
-    metrics, rows = evaluate.evaluate(Scripted(scripted), tok, records, None, args, judge=LengthJudge())
+    metrics, rows = evaluate.evaluate(Scripted(scripted), tok, records, None, 40, 96, judge=LengthJudge())
     assert metrics["no_eos"] == pytest.approx(1 / 3) and metrics["repetition"] == pytest.approx(1 / 3)
     assert metrics["ifa_score"] == pytest.approx(1 / 3)  # ROUGE-L 1 for the first answer, 0 for the others
     assert metrics["hpa_score"] == pytest.approx((1 + 2 + 3) / 3)  # the judge's mean

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+import config
 import study
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
@@ -15,7 +15,7 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "L
 
 @pytest.mark.parametrize("name,flags", study.ABLATIONS, ids=[name for name, _ in study.ABLATIONS])
 def test_every_ablation_changes_only_the_setting_it_names(name, flags):
-    defaults, changed = vars(train.get_args([])), vars(train.get_args(flags))
+    defaults, changed = vars(config.get_args([])), vars(config.get_args(flags))
     differ = {k for k in defaults if defaults[k] != changed[k]}
     named = {f.lstrip("-").replace("-", "_") for f in flags if f.startswith("--")}
     assert differ == named, f"{name}: {flags} changes {differ}"

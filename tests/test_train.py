@@ -218,15 +218,12 @@ def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
 
 
 def test_grad_accum_micro_batches_keep_each_pair_together():
-    """--grad-accum n cuts each step's batch into n micro-batches (train.batches_of). A DPO batch is B chosen
+    """--grad-accum n cuts each step's batch into n micro-batches (data.batches_of). A DPO batch is B chosen
     rows then the same B pairs' rejected rows (data.hpa_batch), so every micro-batch must again be one: its pairs'
     chosen rows, then the same pairs' rejected rows, in the order of its indices, each pair in exactly one."""
-    import argparse
-    import train
     B = 4
     examples = [([1, 10 + i], [20 + i] * (i + 1) + [2], [30 + i, 2]) for i in range(B)]
-    args = argparse.Namespace(world=1, rank=0, grad_accum=2, device="cpu")
-    (micros,) = list(train.batches_of(examples, B, 1, data.hpa_batch, 0, args))
+    (micros,) = list(data.batches_of(examples, B, 1, 0, data.hpa_batch, 2, "cpu"))
     assert len(micros) == 2
 
     def row(t, m, r):  # prompt + answer of one row, without the padding
@@ -392,9 +389,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cac
 def test_grad_accum_takes_the_same_step_as_one_big_batch():
     """One optimizer step on a batch cut into 2 micro-batches of a DPO loss moves the weights exactly as one step on
     the whole batch (the loss is a mean over pairs, each micro-batch holds half of them, and each is divided by 2)."""
-    import argparse
-    from contextlib import nullcontext
     import dpo
+    import parallel
     import train
     from model import ModelArgs, Transformer
     torch.manual_seed(0)
@@ -412,12 +408,10 @@ def test_grad_accum_takes_the_same_step_as_one_big_batch():
 
     after = []
     for accum in (1, 2):
-        args = argparse.Namespace(world=1, rank=0, grad_accum=accum, device="cpu", warmup=0.0, grad_clip=1e9,
-                                  autocast=nullcontext, target_kl=None)
         model = __import__("copy").deepcopy(base)
-        batches = list(train.batches_of(examples, 8, 1, data.hpa_batch, 0, args))
+        batches = list(data.batches_of(examples, 8, 1, 0, data.hpa_batch, accum, "cpu"))
         assert len(batches) == 1 and len(batches[0]) == accum
-        train.optimize(args, model, loss_fn, batches, 1, 1e-2, "dpo")
+        train.optimize(model, loss_fn, batches, 1, 1e-2, "dpo", parallel.Runtime("cpu"), warmup=0.0, grad_clip=1e9)
         after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moved = (after[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max()
     assert moved > 5e-3  # Adam's first step moves each weight by about lr = 1e-2

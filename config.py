@@ -1,0 +1,206 @@
+"""train.py's flags: the presets, every flag with its help, and the checks that refuse an impossible run at once.
+
+`get_args(argv)` parses, fills the flags marked "preset" from --preset, and checks; a bad flag ends the run with one
+line naming it and exit code 2 (`die`). `run_config(args)` is what defines a run's results: an --out that holds a
+run of another configuration is not resumed into. § numbers refer to docs/method.md.
+"""
+import argparse
+import os
+import sys
+
+import ewc
+import hbat
+import memory
+
+PRESETS = {
+    # the reproduction (§6): sizes and rates from the design notes of §6.1 / §6.2
+    "default": dict(n_ifa=1200, n_hpa=1200, n_test=300, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                    pretrain_steps=1500, pretrain_batch=64, batch_size=32, epochs_ifa=2, epochs_hpa=2,
+                    lr_ifa=2e-4, lr_hpa=2e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
+                    max_new_tokens=24, ifa_styled=0.0),
+    # the whole pipeline in seconds, for tests and a first look
+    "smoke": dict(n_ifa=64, n_hpa=64, n_test=16, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  pretrain_steps=30, pretrain_batch=16, batch_size=8, epochs_ifa=1, epochs_hpa=1,
+                  lr_ifa=1e-3, lr_hpa=1e-3, rm_epochs=1, ppo_epochs=1, rollout_batch=16, minibatch=8,
+                  max_new_tokens=12, ifa_styled=0.0),
+}
+# §6.2: 3 passes over the prompts, policy lr 3e-4; and 10% of the demonstrations in the style, since PPO can only
+# reinforce what it samples: with none, the SFT policy samples no styled answer at all (docs/results.md, "PPO")
+PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4, ifa_styled=0.1)
+
+
+def die(message, code=2):
+    """Bad input ends the run with one line and exit code 2 (a failed run: 1), never a traceback."""
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; one says why
+        print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        die(message)
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Hybrid Alignment Training (Hbat) and its baselines.")
+    a = p.add_argument
+    # what to run
+    a("--algo", choices=["dpo", "ppo"], default="dpo", help="HPA objective: DPO on pairs, or PPO against a reward model")
+    a("--schedule", default="both", help="comma-separated schedules from hbat.py (two-stage, hbat, multi-task); "
+      "'both' = two-stage,hbat (the reproduction)")
+    a("--preset", choices=list(PRESETS), default="default", help="sizes and rates for flags marked 'preset'")
+    a("--out", default="out", help="output dir: results.json, metrics.jsonl, checkpoints; re-running resumes")
+    a("--overwrite", action="store_true", help="start afresh in an --out whose saved config differs")
+    a("--seed", type=int, default=0, help="training seed: splits, shuffles, heads, sampling")
+    a("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    a("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    a("--fsdp", action="store_true", help="under torchrun, shard every model over the ranks (FSDP2 fully_shard: "
+      "weights, gradients, AdamW state and the EWC anchor take 1/world each) instead of DDP's full copies")
+    a("--compile", action="store_true", help="torch.compile each transformer block (pays off for long runs: the "
+      "first steps of every new shape compile)")
+    a("--activation-checkpointing", action="store_true", help="recompute each block in backward instead of keeping "
+      "its activations: about a third more compute for much less memory")
+    a("--cache-dir", default=os.path.expanduser("~/.cache/hbat"), help="where the tokenizer and tiny base are cached")
+    # data: the embedded world (§6) unless files are given
+    a("--ifa-data", help="IFA demonstrations (JSONL prompt/response, or Alpaca/TL;DR files)")
+    a("--hpa-data", help="HPA pairs (JSONL prompt/chosen/rejected, or HH-RLHF/TL;DR/TRL files)")
+    a("--test-data", help="held-out prompts with references (IFA format); default: the last --n-test IFA records")
+    a("--n-ifa", type=int, help="preset: demonstrations in the embedded world")
+    a("--n-hpa", type=int, help="preset: preference pairs in the embedded world")
+    a("--n-test", type=int, help="preset: held-out evaluation prompts")
+    a("--alignment-tax", type=float, default=0.5, help="c: how often annotators prefer a stylish wrong answer (0..1)")
+    a("--world-seed", type=int, default=0, help="seed of the embedded world (kept fixed across --seed)")
+    a("--ifa-styled", type=float, help="preset: share of the world's demonstrations written in the polite style "
+      "(default 0; 0.1 under --algo ppo, which can only reinforce a style its samples show)")
+    a("--max-seq-len", type=int, default=128, help="longest prompt+response; longer prompts keep their end")
+    # model
+    a("--model", help="base model: our .pt, a Meta or a Hugging Face LLaMA dir; default: a tiny base pretrained here")
+    a("--tokenizer", help="sentencepiece tokenizer.model (default: next to --model, or trained on the world)")
+    a("--dim", type=int, help="preset: tiny base width")
+    a("--n-layers", type=int, help="preset: tiny base depth")
+    a("--n-heads", type=int, help="preset: attention heads")
+    a("--n-kv-heads", type=int, help="preset: key/value heads (GQA)")
+    a("--pretrain-steps", type=int, help="preset: steps of next-token pretraining of the tiny base on the corpus")
+    a("--pretrain-batch", type=int, help="preset: sequences per pretraining step")
+    # schedule (§2)
+    a("--n-splits", type=int, default=4, help="N: subsets of D_IFA and D_HPA that hbat alternates over (§2.2)")
+    a("--epochs-ifa", type=int, help="preset: E_IFA, passes over each IFA subset")
+    a("--epochs-hpa", type=int, help="preset: E_HPA, passes over each HPA subset")
+    # optimisation (every stage restarts AdamW and its warm-up + linear decay, §2.2 and §6.1)
+    a("--batch-size", type=int, help="preset: global batch (examples or pairs) per step")
+    a("--lr-ifa", type=float, help="preset: peak learning rate of IFA stages")
+    a("--lr-hpa", type=float, help="preset: peak learning rate of HPA stages")
+    a("--warmup", type=float, default=0.1, help="share of each stage's steps spent warming up the lr")
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    # EWC (§3)
+    a("--ewc", choices=["modified", "original", "none", "freeze", "random"], default="modified",
+      help="how hbat protects the other objective: modified EWC (§3.3), original EWC (§3.5), freeze/random (§3.6)")
+    a("--ewc-norm", choices=["max", "softmax"], default="max", help="normalisation of the importance (§3.3)")
+    a("--ewc-scale", type=float, default=1.0, help="s in softmax(s^2 * Omega); the release uses 1e10")
+    a("--ewc-elementwise", action="store_true", help="importance per element instead of per tensor (§3.3)")
+    a("--f-max", type=float, default=ewc.F_MAX, help="F_max of HPA stages: the largest per-tensor weight of the "
+      "penalty that holds what IFA learned (default from the study, docs/results.md)")
+    a("--f-max-ifa", type=float, default=ewc.F_MAX_IFA, help="F_max of IFA stages: holds what HPA learned "
+      "(the release: 100)")
+    a("--ewc-lambda", type=float, default=1.0, help="lambda inside the square of the penalty (§3.3)")
+    # DPO (§4.1)
+    a("--beta", type=float, default=0.1, help="DPO beta: strength of the implicit KL to the reference")
+    a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed share of flipped labels")
+    a("--ipo", action="store_true", help="IPO loss instead of DPO")
+    a("--live-ref", action="store_true", help="keep a live reference model instead of cached log-probs")
+    # PPO (§4.2)
+    a("--kl-coef", type=float, default=0.2, help="PPO: weight of the per-token KL penalty to the reference")
+    a("--rm-epochs", type=int, help="preset: reward-model epochs over D_HPA")
+    a("--ppo-epochs", type=int, help="preset: PPO epochs over each rollout batch")
+    a("--rollout-batch", type=int, help="preset: prompts per rollout")
+    a("--minibatch", type=int, help="preset: PPO minibatch size")
+    a("--target-kl", type=float, default=None, help="PPO: stop an update early when approx KL passes this")
+    a("--adaptive-kl-target", type=float, default=None, help="PPO: adapt --kl-coef so that the KL per sequence "
+      "moves towards this many nats (Ziegler et al. 2019); default: a fixed --kl-coef")
+    # evaluation
+    a("--max-new-tokens", type=int, help="preset: cap on generated tokens (eval and PPO rollouts)")
+    a("--eval-every", type=int, default=0, help="also evaluate every K optimizer steps (0: after each stage only)")
+    a("--dry-run", action="store_true", help="print the parameter count and memory per GPU of this run (--model "
+      "may also be llama-2-7b/13b/70b) for --gpus GPUs, then exit")
+    a("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="--dry-run: GPUs to plan for")
+    a("--gpu-gb", type=float, default=80.0, help="--dry-run: memory of one GPU in GiB")
+    a("--judge", help="real data: a saved reward model (e.g. OUT/reward_model.pt of a PPO run) that scores the answers "
+      "(hpa_score, win rates); default: the run's reward model under PPO, none under DPO")
+    a("--export-hf", action="store_true", help="also write each aligned model to OUT/<schedule>-hf in the Hugging "
+      "Face LLaMA layout (config.json, model.safetensors, tokenizer.model)")
+    args = p.parse_args(argv)
+    if args.ifa_styled is not None and args.ifa_data:
+        p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, PPO_OVERRIDES.get(k, v) if args.algo == "ppo" and args.preset == "default" else v)
+    check_args(args, p)
+    return args
+
+
+def check_args(args, p):
+    """Reject impossible combinations at once, naming the flag."""
+    schedules = hbat.SCHEDULES[:2] if args.schedule == "both" else tuple(args.schedule.split(","))
+    for s in schedules:
+        if s not in hbat.SCHEDULES:
+            p.error(f"--schedule: unknown schedule {s!r} (choose from both, {', '.join(hbat.SCHEDULES)})")
+    args.schedules = schedules
+    if args.n_splits < 1:
+        p.error(f"--n-splits must be >= 1, got {args.n_splits}")
+    for flag in ("f_max", "f_max_ifa", "ewc_lambda", "beta", "kl_coef", "lr_ifa", "lr_hpa"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not 0 <= args.alignment_tax <= 1:
+        p.error(f"--alignment-tax must be in [0, 1], got {args.alignment_tax}")
+    if not 0 <= args.ifa_styled <= 1:
+        p.error(f"--ifa-styled must be in [0, 1], got {args.ifa_styled}")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.ipo and args.label_smoothing:
+        p.error("--label-smoothing applies to DPO only, not with --ipo")
+    if args.algo == "ppo" and "multi-task" in schedules:
+        p.error("--schedule multi-task needs an offline HPA loss: use it with --algo dpo")
+    if bool(args.ifa_data) != bool(args.hpa_data):
+        p.error("--ifa-data and --hpa-data go together")
+    if args.ifa_data and not args.model:
+        p.error("--ifa-data/--hpa-data need --model (a tiny base is only pretrained on the embedded world)")
+    if args.judge and not args.ifa_data:
+        p.error("--judge applies to --ifa-data/--hpa-data runs (the embedded world has its gold judge)")
+    if args.fsdp and not args.dry_run:
+        if args.ewc == "original" or args.ewc_elementwise:
+            p.error("--fsdp supports per-tensor importance only: not with --ewc original or --ewc-elementwise")
+        if "RANK" not in os.environ:
+            p.error("--fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 train.py --fsdp ...")
+    for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer", "judge"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path) and not (args.dry_run and path in memory.LLAMA2):
+            p.error(f"--{flag.replace('_', '-')}: no such file or directory: {path}")
+
+
+# the flags that change where or how fast a run goes, not what it computes: a run resumes across changes of these
+NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "export_hf", "dry_run", "gpus", "gpu_gb",
+                  "fsdp", "compile", "activation_checkpointing"}
+
+
+def run_config(args) -> dict:
+    """The settings that define a run's results, as written to OUT/config.json and results.json."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_RUN_CONFIG}
+
+
+def check_world(args, world):
+    """Every batch splits evenly over the ranks and the micro-batches."""
+    for flag in ("batch_size", "rollout_batch", "minibatch", "pretrain_batch"):
+        if getattr(args, flag) % (world * args.grad_accum):
+            die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by world size x --grad-accum "
+                f"= {world * args.grad_accum}")
+
+
+def check_sizes(args, n_ifa, n_hpa):
+    """Every subset of hbat's split of the data holds at least one batch."""
+    smallest, n = min(n_ifa, n_hpa), args.n_splits if "hbat" in args.schedules else 1  # only hbat splits the data
+    if n > smallest:
+        die(f"--n-splits {n} is larger than the data ({n_ifa} IFA, {n_hpa} HPA examples)")
+    batch = max(args.batch_size, args.rollout_batch if args.algo == "ppo" else 0)
+    if smallest // n < batch:
+        die(f"--n-splits {n} leaves subsets of {smallest // n} examples, fewer than one batch of {batch}")

@@ -1,0 +1,118 @@
+"""The run directory --out: its config check, the metrics log, the schedules' checkpoints, results and exports.
+
+    OUT/config.json              the settings that define the run (config.run_config); another run is not resumed here
+    OUT/metrics.jsonl            one row per optimizer step (and per PPO rollout), for curves
+    OUT/<schedule>.pt            the schedule after its last completed stage: weights, EWC accumulators, history
+    OUT/reward_model.pt          PPO's reward model, trained once
+    OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/method.md §5)
+    OUT/<schedule>.responses.jsonl, OUT/<schedule>-hf/   the held-out answers; the Hugging Face export
+
+Every file is written atomically (checkpoint.atomic_write), so a kill leaves each whole, old or new. Only rank 0
+writes; every function here is called by every rank, so that the barriers line up.
+"""
+import json
+import os
+
+import torch
+
+import checkpoint
+import parallel
+from config import die
+
+
+def save_json(path, obj):
+    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def check_out_dir(out, config, overwrite, rt):
+    """Refuse to resume into an --out written by a different configuration (unless --overwrite, which empties it)."""
+    config = json.loads(json.dumps(config))  # as it reads back: tuples become lists
+    path = os.path.join(out, "config.json")
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    parallel.barrier(rt)  # every rank has read the old config before rank 0 replaces it
+    if old is not None and old != config:
+        if not overwrite:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            die(f"{out} holds a run with other settings ({', '.join(diff)}); use another --out or --overwrite")
+        if rt.rank == 0:
+            for name in os.listdir(out):
+                if name.endswith((".pt", ".jsonl", ".json")):
+                    os.remove(os.path.join(out, name))
+    if rt.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        save_json(path, config)
+    parallel.barrier(rt)
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one row per optimizer step. Rows of stages that did not complete are dropped on resume."""
+
+    def __init__(self, out, rank):
+        self.path, self.on = os.path.join(out, "metrics.jsonl"), rank == 0
+
+    def keep_only(self, done):
+        """done: {schedule: number of its completed stages}; rows of other schedules (base, reward) are kept."""
+        if not (self.on and os.path.exists(self.path)):
+            return
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last row, torn by a kill
+                if r["schedule"] not in done or r["stage_index"] < done[r["schedule"]]:
+                    rows.append(r)
+        checkpoint.atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+    def write(self, row):
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# a schedule's checkpoint: the model after its last completed stage, in the one model-file layout
+
+
+def schedule_path(out, name):
+    return os.path.join(out, f"{name}.pt")
+
+
+def load_schedule(out, name, map_location):
+    """The checkpoint {"model_args", "model", "ewc", "history", "steps"} of a schedule, or None if it has none."""
+    path = schedule_path(out, name)
+    return torch.load(path, map_location=map_location, weights_only=True) if os.path.exists(path) else None
+
+
+def completed_stages(out, names):
+    """{schedule: how many of its stages its checkpoint holds} (0 without one)."""
+    return {name: len(ckpt["history"]) if ckpt else 0
+            for name, ckpt in ((n, load_schedule(out, n, "cpu")) for n in names)}
+
+
+def save_schedule(out, name, model_args, state, ewc_state, history, steps):
+    """Called by rank 0 after every stage: resuming needs the weights, the EWC accumulators, the stage records and
+    the optimizer steps taken (every stage restarts AdamW and draws its randomness from its own seed)."""
+    checkpoint.save(model_args, state, schedule_path(out, name), ewc=ewc_state, history=history, steps=steps)
+
+
+# -----------------------------------------------------------------------------
+# the end of a run
+
+
+def write_answers(out, name, rows):
+    """OUT/<schedule>.responses.jsonl: every held-out prompt with its answer (and reference, family)."""
+    checkpoint.atomic_write(os.path.join(out, f"{name}.responses.jsonl"),
+                            lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+def export(out, name, model, tok, state, bf16):
+    """OUT/<schedule>-hf: the Hugging Face layout, with the tokenizer; bf16 under bf16, as LLaMA weights ship."""
+    hf_dir = os.path.join(out, f"{name}-hf")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    checkpoint.export_hf(model, hf_dir, tok.bos_id, tok.eos_id, {k: v.to(dtype) for k, v in state.items()})
+    checkpoint.atomic_write(os.path.join(hf_dir, "tokenizer.model"), lambda f: f.write(tok.model_proto))
