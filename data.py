@@ -1,14 +1,14 @@
 """Data: the sentencepiece tokenizer, record formats and importers, tokenisation and batching, seeded splits.
 
-Records are plain dicts: IFA {"prompt", "response"}, HPA {"prompt", "chosen", "rejected"} (HBAT.md §1). The
+Records are plain dicts: IFA {"prompt", "response"}, HPA {"prompt", "chosen", "rejected"} (docs/method.md §1). The
 importers turn what users have on disk (Alpaca, Anthropic HH-RLHF, Reddit TL;DR and its comparisons, TRL preference
-JSONL; FORMATS.md §1) into these; every prompt template lives in TEMPLATES below. Bad input raises DataError,
+JSONL; docs/formats.md §1) into these; every prompt template lives in TEMPLATES below. Bad input raises DataError,
 whose message names the file and the line, so train.py can print it as one line.
 
 Tokenised examples are tuples of id lists: IFA (prompt_ids, response_ids), HPA (prompt_ids, chosen_ids,
 rejected_ids); prompt_ids start with bos, every response ends with eos. Batches are right-padded.
 
-The embedded world (HBAT.md §6) and its gold judge live in world.py; they are re-exported here.
+The embedded world (docs/method.md §6) and its gold judge live in world.py; they are re-exported here.
 
 Simplified: no parquet and no conversational (list of messages) formats; the tokenizer is plain sentencepiece.
 """
@@ -101,7 +101,7 @@ def train_tokenizer(texts, vocab_size=512, cache_dir="~/.cache/hbat", model_type
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Formats and importers (FORMATS.md §1)
+# Formats and importers (docs/formats.md §1)
 
 TEMPLATES = {
     "alpaca": ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -417,7 +417,7 @@ def shard_of(examples, rank, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Splitting (HBAT.md §2.2)
+# Splitting (docs/method.md §2.2)
 
 def split(items, n, seed):
     """N disjoint, equal-size, seeded random subsets of items; the len(items) % n left over are dropped."""

@@ -1,4 +1,4 @@
-"""The offline objectives: IFA (supervised fine-tuning) and DPO (HBAT.md §1, §4.1).
+"""The offline objectives: IFA (supervised fine-tuning) and DPO (docs/method.md §1, §4.1).
 
 The losses are pure functions of tensors (log-probs in, per-example losses and detached diagnostics out), so tests
 call them with hand-made numbers. The two `*_step_loss` functions are what the training loop calls: one forward
@@ -6,7 +6,7 @@ pass of the policy, then the loss and a dict of python-float metrics.
 
 Every log-prob comes from the one helper `model.token_logprobs` (shared with PPO); a sequence's log-prob is its sum
 over response tokens. Simplifications: the DPO reference is not a second model in memory but its log-probs, computed
-once at the start of each HPA stage (HBAT.md §2.3, `reference_logps`); `dpo_step_loss(..., ref_model=...)` keeps a
+once at the start of each HPA stage (docs/method.md §2.3, `reference_logps`); `dpo_step_loss(..., ref_model=...)` keeps a
 live reference only to check that the two agree.
 """
 import warnings
@@ -21,7 +21,7 @@ from data import hpa_batch
 
 
 def sft_loss(token_logprobs, mask):
-    """IFA loss (HBAT.md §1): mean token cross-entropy over response tokens, prompt tokens masked.
+    """IFA loss (docs/method.md §1): mean token cross-entropy over response tokens, prompt tokens masked.
 
     token_logprobs: (B, T) log p(token | prefix) from model.token_logprobs; mask: (B, T) bool, True on response
     tokens (EOS included). Returns a scalar. The mean is over tokens, not sequences, so long answers weigh more.
@@ -36,7 +36,7 @@ def sft_loss(token_logprobs, mask):
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
              beta, label_smoothing=0.0, ipo=False):
-    """DPO loss per pair (HBAT.md §4.1), with conservative DPO (label smoothing) and IPO as options.
+    """DPO loss per pair (docs/method.md §4.1), with conservative DPO (label smoothing) and IPO as options.
 
     Inputs: (B,) each, log-probs summed over response tokens of the policy π and the frozen reference π_ref,
     for the chosen y_w and the rejected y_l. beta: the KL strength β (0.1 by default in train.py).
@@ -75,7 +75,7 @@ def reference_logps(model, examples, batch_size, device):
     """The frozen reference's summed response log-probs for each HPA example, in data order: (N, 2) float32 on
     `device`, column 0 chosen, column 1 rejected.
 
-    Call it on the model at the start of an HPA stage (HBAT.md §2.3: π_ref is that model) and index the result
+    Call it on the model at the start of an HPA stage (docs/method.md §2.3: π_ref is that model) and index the result
     with the same example indices as the training batches. Right padding does not change a row's log-probs
     (causal attention), so the batching here need not match the training batches; other shapes only round
     differently (about 1e-6), which makes the first step's rewards/accuracy noise around ties rather than 0.

@@ -1,4 +1,4 @@
-"""Hbat's modified elastic weight consolidation (HBAT.md §3, paper §3.2), original EWC and two ablations.
+"""Hbat's modified elastic weight consolidation (docs/method.md §3, paper §3.2), original EWC and two ablations.
 
 The functional core, each a pure function that a test can call with hand-made tensors:
     parameter_change  Ω_n = mean over elements of (θ_n^after − θ_n^before)²               §3.1

@@ -1,5 +1,5 @@
 """
-The alignment schedules as plain lists of stages (HBAT.md §2).
+The alignment schedules as plain lists of stages (docs/method.md §2).
 
 A schedule is data, not code: train.py walks the list and runs each stage with the one training loop. Reading
 the lists below is reading the paper's Figure 1:
@@ -21,7 +21,7 @@ SCHEDULES = ("two-stage", "hbat", "multi-task")
 class Stage:
     name: str    # what the logs and results.json call it: "IFA_1", "HPA_1", "IFA", "MT"
     kind: str    # "ifa" (SFT on demonstrations), "hpa" (DPO or PPO on preferences), "multi" (both at once)
-    subset: int  # which of the N data subsets the stage trains on (HBAT.md §2.2 step 1)
+    subset: int  # which of the N data subsets the stage trains on (docs/method.md §2.2 step 1)
     epochs: int  # passes over that subset
     ewc: bool    # whether the stage is held near its start by the other objective's importance (§3.2)
 

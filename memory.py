@@ -10,8 +10,8 @@ weight tensor: `read_params` reads params.json, config.json or our checkpoint's 
 What the lines assume (P parameters, L layers, D dim, F FFN hidden, H heads, K key/value heads, Hd = D/H, V vocab;
 B micro-batch, T seq_len, N = T/2 response tokens; a = 2 bytes under bf16 autocast, 4 in fp32):
 - Training state as train.py keeps it under bf16 autocast: fp32 master weights, fp32 gradients, AdamW's exp_avg and
-  exp_avg_sq in the weights' dtype (fp32), and the EWC anchor θ*, one copy of the weights in their dtype (HBAT.md
-  §3.4; ewc.EWC holds it through every stage of an hbat run). With mixed_bf16=False everything is fp32 (train.py
+  exp_avg_sq in the weights' dtype (fp32), and the EWC anchor θ*, one copy of the weights in their dtype
+  (docs/method.md §3.4; ewc.EWC holds it through every stage of an hbat run). With mixed_bf16=False everything is fp32 (train.py
   --dtype fp32).
 - Frozen models (DPO's live reference, PPO's reference policy and reward model) are counted in bf16 (fp32 without
   mixed_bf16): they only run under autocast, so a run at this scale casts them.
@@ -49,7 +49,7 @@ from model import ModelArgs
 
 GiB = 2 ** 30
 
-# Meta's params.json for Llama 2 (FORMATS.md §2.1) with vocab_size set (Meta writes -1) and the 4096-token context
+# Meta's params.json for Llama 2 (docs/formats.md §2.1) with vocab_size set (Meta writes -1) and the 4096-token context
 LLAMA2 = {
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5,
                        max_seq_len=4096),
@@ -161,7 +161,7 @@ def plan(args: ModelArgs, algo: str, world: int, micro_batch: int, seq_len: int,
     rows = [("policy weights (fp32)", 4 * P / shard),
             ("policy gradients (fp32)", 4 * P / shard),
             ("policy AdamW moments (2 x fp32)", 8 * P / shard),
-            ("EWC anchor θ* (fp32, Hbat §3.4)", 4 * P / shard)]
+            ("EWC anchor θ* (fp32, docs/method.md §3.4)", 4 * P / shard)]
     cast = P - V * D - (2 * L + 1) * D  # the Linear weights autocast copies: not the embedding, not the norms
     trained = P  # parameters with requires_grad: what DDP's buckets hold
     if algo == "dpo":

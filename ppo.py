@@ -1,4 +1,4 @@
-"""PPO for the HPA stages: textbook RLHF PPO (HBAT.md §4.2), every detail visible.
+"""PPO for the HPA stages: textbook RLHF PPO (docs/method.md §4.2), every detail visible.
 
 One PPO iteration, as train.py runs it (the loop owns the optimizer, LR schedule, EWC penalty, clipping, DDP):
 
@@ -59,7 +59,7 @@ class PPOConfig:
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.temperature != 1.0:  # model.token_logprobs has no temperature, so π_old would not be the sampler
-            raise ValueError(f"PPO samples at temperature 1 (HBAT.md §4.2), got {self.temperature}")
+            raise ValueError(f"PPO samples at temperature 1 (docs/method.md §4.2), got {self.temperature}")
 
 
 class Rollout(NamedTuple):

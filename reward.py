@@ -1,4 +1,4 @@
-"""The reward model for PPO (HBAT.md §1, §4.2): the policy's trunk with a scalar head, trained once on all of D_HPA
+"""The reward model for PPO (docs/method.md §1, §4.2): the policy's trunk with a scalar head, trained once on all of D_HPA
 with the Bradley–Terry loss and then kept fixed. The PPO critic starts as a copy of it (`values`).
 
 The score of a response is the head's output at its last response token (EOS when the answer finished), minus an
@@ -67,9 +67,9 @@ def save_reward_model(rm, path):
 
 
 def bradley_terry_loss(chosen_scores, rejected_scores):
-    """(B,), (B,) -> (B,) losses −log σ(r_chosen − r_rejected) (HBAT.md §1; Bradley–Terry).
+    """(B,), (B,) -> (B,) losses −log σ(r_chosen − r_rejected) (docs/method.md §1; Bradley–Terry).
     Example: r_chosen = 2, r_rejected = 1 -> log(1 + e^−1) ≈ 0.3133; equal scores -> log 2."""
-    return -F.logsigmoid(chosen_scores - rejected_scores)  # HBAT.md §1
+    return -F.logsigmoid(chosen_scores - rejected_scores)  # docs/method.md §1
 
 
 def rm_step_loss(rm, tokens, mask):

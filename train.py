@@ -7,17 +7,13 @@ Hybrid Alignment Training: the one training loop.
     torchrun --nproc_per_node 2 train.py --algo dpo --preset smoke            # DDP
     torchrun --nproc_per_node 8 train.py --fsdp --model /data/llama-2-7b ...  # sharded; docs/real-data.md
 
-A run: the task (tokenizer, D_IFA, D_HPA, held-out prompts) -> the base model -> (PPO only) a reward model trained
-once on D_HPA -> each schedule of hbat.py from the same base -> greedy evaluation -> OUT/results.json and a table.
 Read it top to bottom: `train_step` is one AdamW step, the same in every stage (lr, micro-batches of loss + EWC
-penalty, clip, step); `optimize` runs a stage's batches through it, and `run_ppo_stage` is PPO's own loop around it
-(rollout -> epochs x minibatches -> early stop); `run_stage` builds one stage's batches and loss; `run_schedule`
-walks a schedule's stages with a checkpoint after each; `main` does the rest. Flags live in config.py, the run
-directory in rundir.py, where the models live (one process, DDP, FSDP) in parallel.py.
-
-Re-running the same command with the same --out resumes after the last completed stage and ends with the same
-numbers on the same device and thread count: every stage draws its randomness from generators seeded by the stage,
-so only the weights and the EWC accumulators need restoring. § numbers refer to docs/method.md.
+penalty, clip, step); `optimize` runs a stage's batches through it; `run_ppo_stage` is PPO's loop around it (rollout
+-> epochs x minibatches -> early stop); `run_stage` builds a stage's batches and loss; `run_schedule` walks the stages
+of hbat.py with a checkpoint after each; `main`: task -> base model -> (PPO) reward model -> each schedule ->
+results.json and a table. Flags: config.py; the run directory: rundir.py; one process, DDP or FSDP: parallel.py.
+Re-running a command with the same --out resumes after the last completed stage with the same numbers (same device
+and thread count): each stage draws its randomness from generators seeded by the stage. § refers to docs/method.md.
 """
 import copy
 import hashlib
@@ -89,35 +85,25 @@ def adamw(module, lr):
                              weight_decay=0.0)
 
 
-class Means:
-    """Running means of metric dicts: what a stage reports."""
-
-    def __init__(self):
-        self.sums, self.count = {}, 0
-
-    def add(self, metrics):
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def result(self, prefix=""):
-        return {prefix + k: v / max(self.count, 1) for k, v in self.sums.items()}
+def means(rows, prefix=""):
+    """The mean of each metric over a stage's rows of metrics (all with the same keys): what the stage reports."""
+    return {prefix + k: sum(r[k] for r in rows) / len(rows) for k in (rows[0] if rows else {})}
 
 
 def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None):
     """One stage: one train_step per batch (a list of micro-batches), the lr warmed up and decayed over n_steps.
     Returns (the stage's mean metrics, the number of steps taken)."""
-    opt, model, means = adamw(module, lr), parallel.wrap(rt, module), Means()
+    opt, model, rows = adamw(module, lr), parallel.wrap(rt, module), []
     bar = dict(desc=name, total=n_steps, leave=False, position=2, disable=None if rt.rank == 0 else True)
     for step, micros in enumerate(tqdm(batches, **bar)):
         try:
             m = train_step(model, opt, loss_fn, micros, lr * lr_at(step, n_steps, warmup), grad_clip, rt, ewc, module)
         except FloatingPointError as e:
             raise FloatingPointError(f"{name}: {e} at step {step}") from None
-        means.add(m)
+        rows.append(m)
         if log:
             log(step, m)
-    return means.result(), means.count
+    return means(rows), len(rows)
 
 
 def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, log):
@@ -143,7 +129,7 @@ def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, lo
 
     local = args.rollout_batch // rt.world
     n_steps = stage.epochs * (len(prompts) // local) * cfg.epochs * (args.rollout_batch // args.minibatch)
-    step, means, rollouts = 0, Means(), Means()
+    step, rows, rollouts = 0, [], []
     bar = tqdm(total=n_steps, desc=stage.name, leave=False, position=2, disable=None if rt.rank == 0 else True)
     for idx in data.shuffled(len(prompts), local, stage.epochs, seed):
         # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
@@ -152,9 +138,8 @@ def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, lo
                                 generator=g, end_of_turn=end_of_turn)
         if kl_ctl is not None:
             cfg.kl_coef = kl_ctl.update(m["kl"], len(idx) * rt.world)
-        m = parallel.mean_over_ranks(m, rt)
-        rollouts.add(m)
-        log(step, {"rollout/" + k: v for k, v in m.items()})
+        rollouts.append(parallel.mean_over_ranks(m, rt))
+        log(step, {"rollout/" + k: v for k, v in rollouts[-1].items()})
         # 2. every epoch's shuffle is drawn before the first update, so an early stop leaves g where it would be
         for mb in [mb for _ in range(cfg.epochs) for mb in ppo.minibatches(ro, cfg.minibatch_size, g)]:
             micros = [type(mb)(*fields) for fields in zip(*(f.chunk(args.grad_accum) for f in mb))]
@@ -163,7 +148,7 @@ def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, lo
                                      args.grad_clip, rt, ewc, model)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{stage.name}: {e} at step {step}") from None
-            means.add(metrics)
+            rows.append(metrics)
             log(step, metrics)
             step += 1
             bar.update(1)
@@ -171,7 +156,7 @@ def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, lo
             if args.target_kl and metrics["approx_kl"] > args.target_kl:
                 break
     bar.close()
-    return means.result() | rollouts.result("rollout/"), step
+    return means(rows) | means(rollouts, "rollout/"), step
 
 
 # -----------------------------------------------------------------------------

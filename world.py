@@ -1,4 +1,4 @@
-"""The embedded alignment world (HBAT.md §6): a task small enough to run the whole Hbat study on a laptop CPU.
+"""The embedded alignment world (docs/method.md §6): a task small enough to run the whole Hbat study on a laptop CPU.
 
 `make_world(seed)` generates, from the seed and this code alone:
 - corpus: unlabeled pretraining text. Worked instances of every family, so that a tiny base model pretrained on it
@@ -156,7 +156,7 @@ def _counts(n, mix):
 
 def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignment_tax=0.5,
                pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05, ifa_styled_fraction=0.0):
-    """Generate the world deterministically from `seed` (HBAT.md §6).
+    """Generate the world deterministically from `seed` (docs/method.md §6).
 
     alignment_tax: fraction c of the conflict pairs whose annotator prefers a stylish wrong answer to a plain right
     one. pair_mix: relative shares of the (style, content, conflict) pairs. chat_fraction: share of the corpus that
@@ -282,7 +282,7 @@ def win_rate(records, responses_a, responses_b):
 
 
 def evaluate(records, responses):
-    """Held-out metrics (HBAT.md §6): mean IFA score (also per family), HPA score (mean gold reward), styled share."""
+    """Held-out metrics (docs/method.md §6): mean IFA score (also per family), HPA score (mean gold reward), styled share."""
     if len(records) != len(responses) or not records:
         raise ValueError("evaluate needs one response per record, and at least one record")
     ifa = [ifa_score(r, y) for r, y in zip(records, responses)]

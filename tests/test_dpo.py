@@ -58,7 +58,7 @@ def test_ipo_hand_example():
 
 
 def _dpo_formula(pc, pr, rc, rr, beta, eps):
-    """HBAT.md §4.1 written independently with python floats: the oracle for the finite differences."""
+    """docs/method.md §4.1 written independently with python floats: the oracle for the finite differences."""
     z = beta * ((pc - rc) - (pr - rr))
     log_sigmoid = lambda x: -math.log1p(math.exp(-x))
     return -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)

@@ -1,4 +1,4 @@
-"""ewc.py: each formula of HBAT.md §3 by hand, the penalty's gradient against its closed form, the stage bookkeeping
+"""ewc.py: each formula of docs/method.md §3 by hand, the penalty's gradient against its closed form, the stage bookkeeping
 (which accumulator protects which stage), original EWC's Fisher, Freeze, Random, element-wise importance, and the
 state round trip. A two-layer MLP stands in for the transformer."""
 import math

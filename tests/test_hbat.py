@@ -1,4 +1,4 @@
-"""The schedules of hbat.py (HBAT.md §2) and how walking them drives the EWC state of ewc.py (§3.2).
+"""The schedules of hbat.py (docs/method.md §2) and how walking them drives the EWC state of ewc.py (§3.2).
 
 Pure and fast: no training, only the lists of stages and a two-parameter module moved by hand.
 """

@@ -50,7 +50,7 @@ def test_training_state_lines_by_hand():
     assert dpo["policy weights (fp32)"] == 3808
     assert dpo["policy gradients (fp32)"] == 3808
     assert dpo["policy AdamW moments (2 x fp32)"] == 7616
-    assert dpo["EWC anchor θ* (fp32, Hbat §3.4)"] == 3808
+    assert dpo["EWC anchor θ* (fp32, docs/method.md §3.4)"] == 3808
     assert dpo["autocast bf16 weight copies (kept for backward)"] == 1696
     assert dpo["DDP gradient buckets (fp32)"] == 3808
     ppo = bytes_of(plan(TINY, "ppo", world=2, micro_batch=3, seq_len=6))
@@ -121,7 +121,7 @@ def test_activation_count_equals_what_autograd_saves(mixed_bf16, kind):
 
 
 def test_read_params_of_each_layout_matches_checkpoint_loaders(tmp_path, capsys):
-    # Llama-2-7b-hf's config.json (FORMATS.md §2.2); an empty weights file is enough for checkpoint.load to parse it
+    # Llama-2-7b-hf's config.json (docs/formats.md §2.2); an empty weights file is enough for checkpoint.load to parse it
     hf = tmp_path / "hf"
     hf.mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

@@ -1,6 +1,6 @@
-"""Real data and real LLaMA layouts (issue 10): train.py on the offline HH / Alpaca / TL;DR fixtures from a tiny random
-model written in Meta's and in Hugging Face's layout, the export of the aligned model, the end of turn in generation,
-and the judge of real data. Everything is built here; nothing is downloaded."""
+"""Real data and real LLaMA layouts (docs/formats.md, docs/real-data.md): train.py on the offline HH / Alpaca / TL;DR
+fixtures from a tiny random model written in Meta's and in Hugging Face's layout, the export of the aligned model,
+the end of turn in generation, and the judge of real data. Everything is built here; nothing is downloaded."""
 import io
 import json
 import os

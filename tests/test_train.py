@@ -1,4 +1,4 @@
-"""train.py end to end (STYLE.md principle 16 (d): smoke runs of the real entry point at a tiny size).
+"""train.py end to end: smoke runs of the real entry point at a tiny size.
 
 Every run is a subprocess (`python train.py ...` or torchrun), so exit codes, stdout and stderr are the real ones.
 All runs share one session cache (--cache-dir), so the tiny base is pretrained once; each gets its own --out.
@@ -122,7 +122,7 @@ def custom_flags(d, ifa=None, hpa=None, model=None):
 
 @pytest.mark.parametrize("algo", ["dpo", "ppo"])
 def test_smoke_run_writes_results_metrics_and_table(smoke_run, algo):
-    """The default command at smoke size runs both schedules and reports them (issue 7, "Progress and logs")."""
+    """The default command at smoke size runs both schedules and reports them: progress lines, a table, the logs."""
     out, proc = smoke_run(algo)
     results = read_json(out / "results.json")
     assert results["algo"] == algo
