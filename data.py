@@ -388,6 +388,18 @@ def hpa_batch(examples, pad_id=0):
     return _pad_rows([(p, c) for p, c, _ in examples] + [(p, r) for p, _, r in examples], pad_id)
 
 
+@torch.no_grad()
+def pair_values(fn, examples, batch_size, device):
+    """fn(tokens, mask) -> (2b,), one number per row of an hpa_batch (chosen rows, then rejected rows), over all
+    HPA examples in batches: (N, 2) float, column 0 chosen, column 1 rejected, in data order. DPO's cached
+    reference log-probs and the reward model's pair scores are both this loop."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        tokens, mask = hpa_batch(examples[i:i + batch_size])
+        out.append(fn(tokens.to(device), mask.to(device)).view(2, -1).t())  # (b, 2)
+    return torch.cat(out)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A stage's batches
 

@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from data import hpa_batch
+from data import pair_values
 
 # -----------------------------------------------------------------------------
 # Losses: pure functions of tensors
@@ -80,12 +80,7 @@ def reference_logps(model, examples, batch_size, device):
     (causal attention), so the batching here need not match the training batches; other shapes only round
     differently (about 1e-6), which makes the first step's rewards/accuracy noise around ties rather than 0.
     """
-    out = []
-    for i in range(0, len(examples), batch_size):
-        tokens, mask = hpa_batch(examples[i:i + batch_size])
-        logps = model.token_logprobs(tokens.to(device), mask.to(device)).sum(-1)  # (2b,): chosen rows, then rejected
-        out.append(logps.view(2, -1).t())  # (b, 2)
-    return torch.cat(out)
+    return pair_values(lambda tokens, mask: model.token_logprobs(tokens, mask).sum(-1), examples, batch_size, device)
 
 
 # -----------------------------------------------------------------------------

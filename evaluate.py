@@ -134,13 +134,22 @@ def pick_judge(judge, rm, tok, max_seq_len):
 
 
 def load_judge(path, tok, max_seq_len, device):
-    """`--judge PATH`: a reward model saved by reward.save_reward_model (e.g. OUT/reward_model.pt of a PPO run)."""
+    """`--judge PATH`: a saved reward model (e.g. OUT/reward_model.pt of a PPO run)."""
     try:
         rm = reward.RewardModel.from_pretrained(path)
     except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError):  # not a torch file, or not a reward model
-        raise ValueError(f"--judge {path}: not a reward model saved by reward.save_reward_model (such as "
+        raise ValueError(f"--judge {path}: not a reward model (such as "
                          f"OUT/reward_model.pt of a --algo ppo run)") from None
     return RewardModelJudge(rm.to(device).eval().requires_grad_(False), tok, max_seq_len)
+
+
+def win_rates(judge, records, answers):
+    """{"<schedule>_vs_two-stage": the judge's win rate of its answers against two-stage's} for every schedule
+    but two-stage. judge: the embedded world (its gold judge), a Judge (real data), or None (no win rates)."""
+    if judge is None or "two-stage" not in answers:
+        return {}
+    return {f"{name}_vs_two-stage": judge.win_rate(records, answers[name], answers["two-stage"])
+            for name in answers if name != "two-stage"}
 
 
 def table(results):

@@ -212,18 +212,26 @@ class Transformer(nn.Module):
         """tokens (B, T) long -> logits (B, T, V) in the weights' dtype; see `hidden` for pad_mask."""
         return self.output(self.hidden(tokens, pad_mask))
 
-    def token_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                       with_entropy: bool = False):
-        """out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where mask[b, t], else 0: (B, T) float32.
-
-        mask (B, T) bool is aligned with tokens and marks the tokens to score, so mask[:, 0] must be False. Only the
-        N masked positions go through the output head (never the full (B, T, V) logits), log-softmax in float32.
-        Example: tokens [bos, a, b, eos, pad], mask [F, F, T, T, F] scores b and eos from the hidden states at t = 1, 2.
-        with_entropy=True also returns the entropy (B, T) of the whole next-token distribution at the same places."""
-        b, t = mask.nonzero(as_tuple=True)  # (N,) each
+    def next_token_logprobs(self, tokens: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor],
+                            pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole next-token distribution log p(· | tokens[b, :t]) at N positions: (N, V) float32, row i the one
+        token_logprobs reads tokens[b_i, t_i] from. positions: (b, t), (N,) long each, as mask.nonzero(as_tuple=True)
+        gives them for a mask aligned with tokens (so t > 0: the first token has no prefix to be predicted from).
+        Only these N rows go through the output head (never the full (B, T, V) logits), log-softmax in float32.
+        Example: tokens [bos, a, b, eos, pad], mask [F, F, T, T, F]: 2 rows, from the hidden states at t = 1, 2."""
+        b, t = positions
         if (t == 0).any():
             raise ValueError("mask[:, 0] must be False: the first token has no prefix to be predicted from")
-        logp = self.output(self.hidden(tokens, pad_mask)[b, t - 1]).float().log_softmax(-1)  # (N, V)
+        return self.output(self.hidden(tokens, pad_mask)[b, t - 1]).float().log_softmax(-1)
+
+    def token_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                       with_entropy: bool = False):
+        """out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where mask[b, t], else 0: (B, T) float32; the one
+        log-prob helper of SFT, DPO and PPO. mask (B, T) bool marks the tokens to score (mask[:, 0] False). Example:
+        tokens [bos, a, b, eos, pad], mask [F, F, T, T, F] scores b and eos. with_entropy=True also returns the
+        entropy (B, T) of the whole next-token distribution at the same places."""
+        b, t = mask.nonzero(as_tuple=True)  # (N,) each
+        logp = self.next_token_logprobs(tokens, (b, t), pad_mask)  # (N, V)
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=logp.device)
         out = zeros.index_put((b, t), logp.gather(-1, tokens[b, t, None]).squeeze(-1))
         if not with_entropy:

@@ -85,7 +85,7 @@ def place(rt, module):
     for layer in trunk.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(module, mp_policy=mp)
-    for method in ("hidden", "token_logprobs", "generate", "values", "score"):
+    for method in ("hidden", "next_token_logprobs", "token_logprobs", "generate", "values", "score"):
         if hasattr(module, method):  # entry points besides forward(): they too gather the root's weights first
             register_fsdp_forward_method(module, method)
     return module

@@ -250,12 +250,11 @@ def collate(prompts, responses, pad_id, device=None):
 def true_kl(policy, ref_model, tokens, pad_mask, masks):
     """KL(π‖π_ref) of the full next-token distributions at each response position: (B, Tr), 0 on padding.
 
-    The quantity the k1/k3 estimates in the reward approximate; only reported. Logits are computed at response
-    positions only, (N, V) for N response tokens, as `token_logprobs` does."""
-    Tq = tokens.shape[1] - masks.shape[1]
+    The quantity the k1/k3 estimates in the reward approximate; only reported. The distributions come from
+    model.next_token_logprobs, at the N response tokens only."""
     b, j = masks.nonzero(as_tuple=True)
-    logp, ref_logp = (m.output(m.hidden(tokens, pad_mask)[b, Tq - 1 + j]).float().log_softmax(-1)
-                      for m in (policy, ref_model))                    # (N, V) each
+    at = (b, tokens.shape[1] - masks.shape[1] + j)  # response column j is column Tq + j of tokens (`collate`)
+    logp, ref_logp = (m.next_token_logprobs(tokens, at, pad_mask) for m in (policy, ref_model))  # (N, V) each
     kl = (logp.exp() * (logp - ref_logp)).sum(-1)
     return torch.zeros(masks.shape, device=kl.device).index_put((b, j), kl)
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import hpa_batch
-from model import ModelArgs, Transformer, save_checkpoint
+from data import pair_values
+from model import ModelArgs, Transformer
 
 
 def last_true_index(mask):
@@ -49,17 +49,13 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a save_reward_model file (on CPU; move it with .to(device))."""
+        """Load a reward model written by model.save_checkpoint(rm, path) (trunk, head and offset; on CPU: move it
+        with .to(device))."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         with torch.device("meta"):  # no random init for weights that are about to be replaced
             rm = cls(Transformer(ModelArgs(**ckpt["model_args"])))
         rm.load_state_dict(ckpt["model"], assign=True)
         return rm
-
-
-def save_reward_model(rm, path):
-    """Write {"model_args", "model"} (trunk, head and offset) atomically, in model.save_checkpoint's layout."""
-    save_checkpoint(rm, path)
 
 
 # -----------------------------------------------------------------------------
@@ -83,11 +79,7 @@ def rm_step_loss(rm, tokens, mask):
 @torch.no_grad()
 def pair_scores(rm, examples, batch_size, device):
     """HPA examples -> (N, 2) float32 scores [chosen, rejected], in data order."""
-    out = []
-    for i in range(0, len(examples), batch_size):
-        tokens, mask = hpa_batch(examples[i:i + batch_size])
-        out.append(rm.score(tokens.to(device), mask.to(device)).view(2, -1).t())  # (b, 2)
-    return torch.cat(out)
+    return pair_values(rm.score, examples, batch_size, device)
 
 
 @torch.no_grad()

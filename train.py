@@ -422,11 +422,9 @@ def main(argv=None):
             rundir.write_answers(args.out, name, rows)
             if args.export_hf:
                 rundir.export(args.out, name, model, tok, state, rt.bf16)
-    if rt.evaluates and "two-stage" in answers:  # under FSDP the reward model is sharded: every rank judges
-        judge = evaluate.pick_judge(judge, rm, tok, args.max_seq_len)  # real data: --judge, else the run's RM
-        win_rate = world.win_rate if world is not None else judge.win_rate if judge is not None else None
-        for name in [n for n in answers if n != "two-stage"] if win_rate else []:
-            results["win_rates"][f"{name}_vs_two-stage"] = win_rate(test, answers[name], answers["two-stage"])
+    if rt.evaluates:  # under FSDP the reward model is sharded: every rank takes part in judging
+        judge = world if world is not None else evaluate.pick_judge(judge, rm, tok, args.max_seq_len)
+        results["win_rates"] = evaluate.win_rates(judge, test, answers)
     if rt.rank == 0:
         results["seconds"] = time.time() - t_start
         rundir.save_json(os.path.join(args.out, "results.json"), results)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from conftest import random_pairs, tiny_transformer
 from data import hpa_batch
 from dpo import dpo_loss, dpo_step_loss, ifa_step_loss, reference_logps, sft_loss
-from model import ModelArgs, Transformer
 
 # -----------------------------------------------------------------------------
 # The losses as pure functions
@@ -119,26 +119,11 @@ def test_sft_loss_warns_on_all_masked_batch():
 # -----------------------------------------------------------------------------
 # The shared log-prob helper and DPO steps on a tiny model
 
-V = 40  # tiny vocabulary: ids 0..3 are unk/bos/eos/pad, as from data.train_tokenizer
-BOS, EOS = 1, 2
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=V, multiple_of=16, max_seq_len=64))
-
-
-def random_pairs(n, seed):
-    """n HPA examples of random words: (bos + prompt, chosen + eos, rejected + eos) of varied lengths."""
-    g = torch.Generator().manual_seed(seed)
-    words = lambda: torch.randint(4, V, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
-    return [([BOS] + words(), words() + [EOS], words() + [EOS]) for _ in range(n)]
-
 
 def test_token_logprobs_summed_matches_naive_loop_and_ignores_right_padding():
     """Sequence log-prob = model.token_logprobs(...).sum(-1), against scoring every response token from a forward
     pass over its unpadded prefix alone; then with 5 more columns of right padding (pad ids 3, mask False)."""
-    model = tiny_model()
+    model = tiny_transformer()
     examples = random_pairs(4, seed=1)
     tokens, mask = hpa_batch(examples, pad_id=3)
     with torch.no_grad():
@@ -157,7 +142,7 @@ def test_token_logprobs_summed_matches_naive_loop_and_ignores_right_padding():
 
 
 def test_ifa_step_loss_is_mean_token_nll():
-    model = tiny_model()
+    model = tiny_transformer()
     tokens, mask = hpa_batch(random_pairs(3, seed=2))
     loss, metrics = ifa_step_loss(model, tokens, mask)
     with torch.no_grad():
@@ -184,7 +169,7 @@ def dpo_steps(model, examples, ref_logps, n_steps, lr=3e-3, beta=0.1):
 def test_dpo_steps_raise_the_margin():
     """At the reference every reward is 0 and the loss log 2; ten steps on 16 random pairs must open a clear margin
     on them, with the chosen reward above the rejected on nearly every pair."""
-    model = tiny_model()
+    model = tiny_transformer()
     examples = random_pairs(16, seed=3)
     ref_logps = reference_logps(model, examples, batch_size=5, device="cpu")
     history = dpo_steps(model, examples, ref_logps, n_steps=10)
@@ -206,7 +191,7 @@ def test_dpo_steps_raise_the_margin():
 def test_cached_reference_equals_live_reference():
     """reference_logps (computed in batches of 3, so with other padding) indexed by the examples' positions gives
     the same loss and gradient as a live copy of the reference, for a policy that has moved away from it."""
-    reference = tiny_model()
+    reference = tiny_transformer()
     examples = random_pairs(10, seed=4)
     ref_logps = reference_logps(reference, examples, batch_size=3, device="cpu")
     assert ref_logps.shape == (10, 2)

@@ -8,13 +8,14 @@ import copy
 import json
 import re
 import struct
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from checkpoint import atomic_save, export_hf, read_safetensors
+from conftest import tiny_transformer
 from model import ModelArgs, Transformer, apply_rotary, attention_mask, rotary, save_checkpoint
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=64)
@@ -23,8 +24,7 @@ ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, mul
 def tiny(seed=0, **changes) -> Transformer:
     """A random tiny model with large weights, so that attention (and with it every position and mask) moves the
     logits enough to change argmax, and gains away from 1, so that a norm loaded into the wrong place shows up."""
-    torch.manual_seed(seed)
-    model = Transformer(replace(ARGS, **changes)).eval()
+    model = tiny_transformer(seed=seed, args=ARGS, **changes).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0.0, 0.2)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import ppo
+from conftest import tiny_transformer
+from model import ModelArgs
 
 
 # --- GAE, whitening, KL estimators, rewards --------------------------------------------------------------------
@@ -164,10 +166,7 @@ def test_collate_five_token_example():
     assert tokens[1].tolist() == [1, 8, 9, 9, 2] and masks[1].tolist() == [True, True, True]
 
 
-def tiny_model(vocab=16, dim=16, seed=0):
-    from model import ModelArgs, Transformer
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs(dim=dim, n_layers=1, n_heads=2, vocab_size=vocab, multiple_of=16, max_seq_len=32))
+ARGS = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=16, multiple_of=16, max_seq_len=32)  # the tiny models here
 
 
 def test_rollout_alignment_against_unpadded_forward():
@@ -177,10 +176,10 @@ def test_rollout_alignment_against_unpadded_forward():
     full-vocabulary KL at each response position. Before any step, ppo_loss sees ratio 1 (approx_kl = clipfrac = 0).
     Also: the models come back in the modes they had."""
     from reward import RewardModel
-    policy, ref_model = tiny_model(seed=0), tiny_model(seed=1)
-    reward_model = RewardModel(tiny_model(seed=2)).eval()
+    policy, ref_model = tiny_transformer(seed=0, args=ARGS), tiny_transformer(seed=1, args=ARGS)
+    reward_model = RewardModel(tiny_transformer(seed=2, args=ARGS)).eval()
     torch.nn.init.normal_(reward_model.head.weight)
-    critic = ppo.make_critic(RewardModel(tiny_model(seed=3)))
+    critic = ppo.make_critic(RewardModel(tiny_transformer(seed=3, args=ARGS)))
     prompts = [[1, 5, 6, 7], [1], [1, 9, 4], [1, 4], [1, 12, 13, 14, 15], [1, 8]]
     cfg = ppo.PPOConfig(max_new_tokens=8, eos_penalty=None, kl_coef=0.3)
     ro, metrics = ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id=2, pad_id=3,
@@ -229,10 +228,10 @@ def test_rollout_ends_an_answer_at_the_end_of_turn_with_eos():
     with EOS: that row is scored, rewarded and masked as the unpadded answer prefix + [EOS]; rows without the
     marker are untouched."""
     from reward import RewardModel
-    policy, ref_model = tiny_model(seed=0), tiny_model(seed=1)
-    reward_model = RewardModel(tiny_model(seed=2)).eval()
+    policy, ref_model = tiny_transformer(seed=0, args=ARGS), tiny_transformer(seed=1, args=ARGS)
+    reward_model = RewardModel(tiny_transformer(seed=2, args=ARGS)).eval()
     torch.nn.init.normal_(reward_model.head.weight)
-    critic = ppo.make_critic(RewardModel(tiny_model(seed=3)))
+    critic = ppo.make_critic(RewardModel(tiny_transformer(seed=3, args=ARGS)))
     prompts = [[1, 5, 6, 7], [1], [1, 9, 4], [1, 4], [1, 12, 13, 14, 15], [1, 8]]
     cfg = ppo.PPOConfig(max_new_tokens=8, eos_penalty=-5.0)
     draw = lambda **kw: ppo.rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id=2, pad_id=3,  # noqa: E731
@@ -303,8 +302,8 @@ def test_ppo_updates_raise_the_score_with_bounded_kl():
     mean score of a fixed 128-prompt sample while the full-vocabulary KL to the reference stays a few nats per
     sequence. With kl_coef β the KL-regularised optimum multiplies the target's probability by about
     exp(score per target token / β) = exp((1/7) / 0.05) ≈ 17, so the score can rise well past the margin below."""
-    policy = tiny_model(dim=32, seed=0)
-    ref_model = tiny_model(dim=32, seed=0).eval().requires_grad_(False)
+    policy = tiny_transformer(seed=0, args=ARGS, dim=32)
+    ref_model = tiny_transformer(seed=0, args=ARGS, dim=32).eval().requires_grad_(False)
     reward_model = TargetTokenRM(16, target=5)
     critic = ppo.make_critic(reward_model)
     cfg = ppo.PPOConfig(max_new_tokens=8, minibatch_size=8, eos_penalty=None, kl_coef=0.05)

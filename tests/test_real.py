@@ -18,13 +18,11 @@ import data
 import evaluate
 import reward
 from checkpoint import export_hf
+from conftest import ENV, ROOT, ok
 from model import ModelArgs, Transformer, save_checkpoint
 from test_model import write_meta  # Meta's sharded layout, written independently of checkpoint.py
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                        "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
 # the fixtures hold 2 Alpaca demonstrations and 3 HH pairs: N = 2 leaves one example per subset, so batches of 1
 TINY = ("--preset", "smoke", "--device", "cpu", "--n-splits", "2", "--batch-size", "1", "--rollout-batch", "1",
         "--minibatch", "1", "--max-new-tokens", "8", "--export-hf")
@@ -57,9 +55,7 @@ def llama(tmp_path_factory):
 
 def train(*flags, out, cache):
     cmd = [sys.executable, "train.py", *TINY, "--out", str(out), "--cache-dir", str(cache), *map(str, flags)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, \
-        f"exit code {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
     with open(out / "results.json") as f:
         return json.load(f)
 
@@ -298,7 +294,7 @@ def test_load_judge_refuses_what_is_not_a_reward_model(llama, tmp_path):
     ValueError naming the file (train.py prints it as one line)."""
     tok = llama.tok
     rm = reward.RewardModel(Transformer(llama.model.args))
-    reward.save_reward_model(rm, tmp_path / "rm.pt")
+    save_checkpoint(rm, tmp_path / "rm.pt")
     judge = evaluate.load_judge(tmp_path / "rm.pt", tok, 64, "cpu")
     assert torch.equal(judge.rm.head.weight, rm.head.weight)
     save_checkpoint(llama.model, tmp_path / "model.pt")
@@ -307,6 +303,6 @@ def test_load_judge_refuses_what_is_not_a_reward_model(llama, tmp_path):
         with pytest.raises(ValueError, match=f"^--judge {tmp_path / name}: not a reward model[^\n]*$"):
             evaluate.load_judge(tmp_path / name, tok, 64, "cpu")
     small = reward.RewardModel(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=8, multiple_of=16)))
-    reward.save_reward_model(small, tmp_path / "small.pt")
+    save_checkpoint(small, tmp_path / "small.pt")
     with pytest.raises(ValueError, match="another tokenizer"):
         evaluate.load_judge(tmp_path / "small.pt", tok, 64, "cpu")

@@ -7,23 +7,12 @@ import pytest
 import torch
 
 import data
-from model import ModelArgs, Transformer
+from conftest import random_pairs, tiny_transformer
+from model import save_checkpoint
 from reward import (RewardModel, bradley_terry_loss, last_true_index, pair_scores, pairwise_accuracy,
-                    rm_step_loss, save_reward_model, set_offset)
+                    rm_step_loss, set_offset)
 
 V, BOS, EOS, PAD = 40, 1, 2, 3
-
-
-def tiny_rm(seed=0, vocab_size=V, dim=32):
-    torch.manual_seed(seed)
-    return RewardModel(Transformer(ModelArgs(dim=dim, n_layers=2, n_heads=4, vocab_size=vocab_size, multiple_of=16,
-                                             max_seq_len=64)))
-
-
-def random_pairs(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    words = lambda: torch.randint(4, V, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
-    return [([BOS] + words(), words() + [EOS], words() + [EOS]) for _ in range(n)]
 
 
 def test_bradley_terry_hand_example():
@@ -48,7 +37,7 @@ def test_last_true_index():
 def test_score_is_read_at_the_last_response_token():
     """Changing any token after a row's last response token (the padding) leaves its score unchanged; changing
     that token changes it; and the score is `values` at that position."""
-    rm = tiny_rm()
+    rm = RewardModel(tiny_transformer())
     tokens, mask = data.hpa_batch(random_pairs(4, seed=1), pad_id=PAD)
     last = last_true_index(mask)
     with torch.no_grad():
@@ -65,7 +54,7 @@ def test_score_is_read_at_the_last_response_token():
 
 def test_score_of_a_left_padded_row_with_pad_mask_matches_unpadded():
     """PPO scores left-padded prompt + response rows with pad_mask: the score must be the row's own."""
-    rm = tiny_rm()
+    rm = RewardModel(tiny_transformer())
     prompt, response = [BOS, 7, 8, 9], [10, 11, EOS]
     row = torch.tensor([prompt + response])
     mask = torch.tensor([[False] * len(prompt) + [True] * len(response)])
@@ -78,7 +67,7 @@ def test_score_of_a_left_padded_row_with_pad_mask_matches_unpadded():
 
 def test_pair_scores_and_accuracy_follow_data_order():
     """pair_scores in batches of 5 = the scores of one hpa_batch, laid out as (N, [chosen, rejected])."""
-    rm = tiny_rm()
+    rm = RewardModel(tiny_transformer())
     examples = random_pairs(12, seed=2)
     tokens, mask = data.hpa_batch(examples)
     with torch.no_grad():
@@ -92,7 +81,7 @@ def test_pair_scores_and_accuracy_follow_data_order():
 def test_set_offset_centres_the_training_scores():
     """After set_offset the mean score over chosen and rejected responses is 0; the loss and accuracy, blind to
     a shift, do not change."""
-    rm = tiny_rm()
+    rm = RewardModel(tiny_transformer())
     examples = random_pairs(12, seed=2)
     tokens, mask = data.hpa_batch(examples)
     with torch.no_grad():
@@ -107,12 +96,12 @@ def test_set_offset_centres_the_training_scores():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    rm = tiny_rm()
+    rm = RewardModel(tiny_transformer())
     examples = random_pairs(6, seed=3)
     set_offset(rm, examples, batch_size=6, device="cpu")
     assert rm.offset.item() != 0
     path = tmp_path / "rm.pt"
-    save_reward_model(rm, path)
+    save_checkpoint(rm, path)
     assert os.listdir(tmp_path) == ["rm.pt"]  # written through a temporary file that is gone
     loaded = RewardModel.from_pretrained(path)
     assert loaded.state_dict().keys() == rm.state_dict().keys() >= {"head.weight", "head.bias", "offset"}
@@ -134,7 +123,7 @@ def test_reward_model_learns_the_embedded_world(tmp_path):
     tok = data.train_tokenizer(texts, vocab_size=200, cache_dir=tmp_path)
     examples = data.tokenize_hpa(world.hpa, tok, max_seq_len=64)
     train, held_out = examples[:300], examples[300:]
-    rm = tiny_rm(vocab_size=tok.vocab_size, dim=48)
+    rm = RewardModel(tiny_transformer(vocab_size=tok.vocab_size, dim=48))
     before = pairwise_accuracy(rm, held_out, 100, "cpu")
     opt = torch.optim.AdamW(rm.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)

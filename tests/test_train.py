@@ -16,11 +16,9 @@ import pytest
 import torch
 
 import data
+from conftest import ENV, ROOT, ok, tiny_transformer
 from model import ModelArgs, Transformer, save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                        "MASTER_PORT")} | {"OMP_NUM_THREADS": "1"}
 SMOKE = ("--preset", "smoke", "--device", "cpu")
 HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
                for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
@@ -29,12 +27,6 @@ HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for
 def train(*flags, out, cache, launcher=(sys.executable,), timeout=300):
     cmd = [*launcher, "train.py", *SMOKE, "--out", str(out), "--cache-dir", str(cache), *map(str, flags)]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, \
-        f"exit code {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def one_line_error(proc, code=2):
@@ -392,10 +384,7 @@ def test_grad_accum_takes_the_same_step_as_one_big_batch():
     import dpo
     import parallel
     import train
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    base = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, multiple_of=8,
-                                 max_seq_len=32))
+    base = tiny_transformer(seed=0, n_kv_heads=2, multiple_of=8, max_seq_len=32)
     g = torch.Generator().manual_seed(1)
     examples = [([1] + torch.randint(4, 40, (3,), generator=g).tolist(),
                  torch.randint(4, 40, (1 + i % 3,), generator=g).tolist() + [2],
