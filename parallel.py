@@ -1,5 +1,8 @@
 """Where train.py's models live: one process, DDP, or FSDP (--fsdp), set up from what torchrun passes.
 
+`setup` returns a `Runtime`, the small record of where this process runs (device, rank, world size, precision,
+--fsdp/--compile/--activation-checkpointing); every function here takes it instead of the run's flags.
+
 Every model a run trains or consults is placed by `place`. With --fsdp it is sharded over the ranks (fully_shard on
 each transformer block, then on the whole), so a GPU holds 1/world of its weights, gradients, AdamW moments and EWC
 anchor (memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict() holds
