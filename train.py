@@ -361,10 +361,10 @@ def train_reward_model(args, rt, base, hpa_ex, log):
     if not os.path.exists(path):
         torch.manual_seed(stage_seed(args.seed, "rm"))
         rm = parallel.place(rt, reward.RewardModel(copy.deepcopy(base)))
-        local, batch = train_ex[rt.rank::rt.world], args.batch_size // rt.world
+        local, batch = data.shard_of(train_ex, rt.rank, rt.world), args.batch_size // rt.world
         optimize(rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
                  data.batches_of(local, batch, args.rm_epochs, stage_seed(args.seed, "rm"), data.hpa_batch,
-                            args.grad_accum, rt.device),
+                                 args.grad_accum, rt.device),
                  args.rm_epochs * (len(local) // batch), args.lr_ifa, "reward model", rt, args.warmup, args.grad_clip,
                  log=lambda step, m: log({"schedule": "reward", "stage": "RM", "stage_index": 0, "step": step, **m}))
         reward.set_offset(rm, train_ex, args.batch_size, rt.device)

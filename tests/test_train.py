@@ -406,3 +406,29 @@ def test_grad_accum_takes_the_same_step_as_one_big_batch():
     assert moved > 5e-3  # Adam's first step moves each weight by about lr = 1e-2
     # Adam divides by |g|, so a weight whose gradient is ~0 can turn rounding noise into a visible step: allow 1% of lr
     torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-4)
+
+
+def test_train_step_adds_the_stage_penalty_to_the_loss():
+    """train_step's gradient is that of loss + L_EWC: with the anchor θ* = θ − 0.01 on every tensor and weights F_n,
+    the penalty is Σ_n F_n · λ² · 0.01² · numel_n and its gradient 2·F_n·λ²·(θ − θ*); the step's grad norm (before
+    clipping) must be the norm of the loss's own gradient plus that, computed here by hand."""
+    import ewc as ewc_lib
+    import parallel
+    import train
+    model = tiny_transformer(seed=3)
+    tokens, mask = data.ifa_batch([([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 2])])
+    loss = train.dpo.ifa_step_loss(model, tokens, mask)[0]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ewc = ewc_lib.EWC(lam=2.0)
+    names = [n for n, _ in model.named_parameters()]
+    ewc.anchor = {n: p.detach() - 0.01 for n, p in model.named_parameters()}
+    ewc.weights = {n: 0.5 + i for i, n in enumerate(names)}  # F_n, one per tensor
+    want_penalty = sum(ewc.weights[n] * 4.0 * 1e-4 * p.numel() for n, p in model.named_parameters())
+    want_norm = torch.cat([(g + 2 * ewc.weights[n] * 4.0 * 0.01).flatten() for n, g in zip(names, grads)]).norm()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they are
+    m = train.train_step(parallel.wrap(parallel.Runtime("cpu"), model), opt,
+                         lambda mod, b: train.dpo.ifa_step_loss(mod, *b), [(tokens, mask)], 0.0, 1e9,
+                         parallel.Runtime("cpu"), ewc, model)
+    assert m["ewc_penalty"] == pytest.approx(want_penalty, rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(want_norm.item(), rel=1e-5)
+    assert m["loss"] == pytest.approx(loss.item(), rel=1e-6)  # the logged loss is the objective's alone
