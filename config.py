@@ -94,8 +94,8 @@ def get_args(argv=None):
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     # EWC (§3)
-    a("--ewc", choices=["modified", "original", "none", "freeze", "random"], default="modified",
-      help="how hbat protects the other objective: modified EWC (§3.3), original EWC (§3.5), freeze/random (§3.6)")
+    a("--ewc", choices=ewc.METHODS, default="modified", help="how hbat protects the other objective: modified EWC "
+      "(§3.3), uniform (its total weight spread equally over tensors), original EWC (§3.5), freeze/random (§3.6)")
     a("--ewc-norm", choices=["max", "softmax"], default="max", help="normalisation of the importance (§3.3)")
     a("--ewc-scale", type=float, default=1.0, help="s in softmax(s^2 * Omega); the release uses 1e10")
     a("--ewc-elementwise", action="store_true", help="importance per element instead of per tensor (§3.3)")
@@ -112,6 +112,8 @@ def get_args(argv=None):
     # PPO (§4.2)
     a("--kl-coef", type=float, default=0.2, help="PPO: weight of the per-token KL penalty to the reference")
     a("--rm-epochs", type=int, help="preset: reward-model epochs over D_HPA")
+    a("--critic-restart", action="store_true", help="PPO: a fresh critic (a copy of the reward model) at every HPA "
+      "stage instead of one carried across a schedule's HPA stages")
     a("--ppo-epochs", type=int, help="preset: PPO epochs over each rollout batch")
     a("--rollout-batch", type=int, help="preset: prompts per rollout")
     a("--minibatch", type=int, help="preset: PPO minibatch size")

@@ -15,6 +15,7 @@ Simplified: no parquet and no conversational (list of messages) formats; the tok
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -404,22 +405,43 @@ def pair_values(fn, examples, batch_size, device):
 # A stage's batches
 
 def shuffled(n, batch_size, epochs, seed):
-    """For `epochs` seeded shuffles of range(n), each full batch of indices; the ragged last one is dropped, so
-    that every rank takes the same number of steps."""
+    """For `epochs` seeded shuffles of range(n), the batches of indices, the last of each epoch smaller when
+    batch_size does not divide n: every example is used once per epoch, so that schedules that cut the data
+    differently (Hbat's N subsets, two-stage's one) train on exactly the same examples."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(n, generator=g).tolist()
-        yield from (order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+        yield from (order[i:i + batch_size] for i in range(0, n, batch_size))
+
+
+def batch_sizes(n, batch_size):
+    """The sizes of one epoch's batches from `shuffled`: 10, 4 -> [4, 4, 2]."""
+    return [batch_size] * (n // batch_size) + [n % batch_size] * (n % batch_size > 0)
+
+
+def n_batches(n, batch_size, epochs):
+    """How many batches `shuffled` yields: epochs · ⌈n / batch_size⌉."""
+    return epochs * len(batch_sizes(n, batch_size))
+
+
+def micro_split(n, n_micro):
+    """The sizes of n_micro micro-batches of a batch of n (at most n of them, the first ones larger by one when
+    n_micro does not divide n): 10, 4 -> [3, 3, 2, 2]; 2, 4 -> [1, 1]."""
+    q, r = divmod(n, n_micro)
+    return [q + (i < r) for i in range(min(n, n_micro))]
 
 
 def batches_of(examples, batch_size, epochs, seed, collate, n_micro, device):
-    """`shuffled` batches of examples (this rank's shard of a stage's data), each as a list of n_micro
-    micro-batches (indices, *collate(examples)) on device. Micro-batches are collated separately, so that a DPO
-    micro-batch keeps each chosen row with its rejected row."""
+    """`shuffled` batches of examples (this rank's shard of a stage's data), each as (micros, shares): at most
+    n_micro micro-batches (indices, *collate(examples)) on device, of the sizes `micro_split` gives, and each one's
+    share of the batch's examples (what its loss weighs in the step, so that a ragged batch is still an average over
+    its examples). Micro-batches are collated separately: a DPO micro-batch keeps each chosen row with its rejected
+    row."""
     for idx in shuffled(len(examples), batch_size, epochs, seed):
-        k = len(idx) // n_micro
-        yield [(torch.tensor(idx[j:j + k]),) + tuple(t.to(device) for t in collate([examples[i] for i in idx[j:j + k]]))
-               for j in range(0, len(idx), k)]
+        sizes = micro_split(len(idx), n_micro)
+        cuts = [0, *itertools.accumulate(sizes)]
+        yield ([(torch.tensor(idx[a:b]),) + tuple(t.to(device) for t in collate([examples[i] for i in idx[a:b]]))
+                for a, b in zip(cuts, cuts[1:])], [k / len(idx) for k in sizes])
 
 
 def shard_of(examples, rank, world):
@@ -432,10 +454,11 @@ def shard_of(examples, rank, world):
 # Splitting (docs/method.md §2.2)
 
 def split(items, n, seed):
-    """N disjoint, equal-size, seeded random subsets of items; the len(items) % n left over are dropped."""
+    """N disjoint seeded random subsets that together hold every item: sizes differ by at most one, the first
+    len(items) % n subsets one larger (10 items, N = 4 -> 3, 3, 2, 2)."""
     if not 1 <= n <= len(items):
         raise ValueError(f"cannot split {len(items)} records into {n} subsets (need 1 <= N <= number of records)")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    size = len(items) // n
-    return [[items[i] for i in order[k * size:(k + 1) * size]] for k in range(n)]
+    cuts = [0, *itertools.accumulate(micro_split(len(items), n))]
+    return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]

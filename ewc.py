@@ -8,6 +8,8 @@ The functional core, each a pure function that a test can call with hand-made te
 and `EWC`, the small stateful part the schedule drives: the two never-reset accumulators Ω^IFA and Ω^HPA (§3.1),
 which of them protects which stage (§3.2), the anchor θ*, and the methods of `--ewc`:
     modified  the penalty above (Hbat)
+    uniform   the control: the same penalty and total weight Σ_n F_n, spread equally over the tensors (a plain L2
+              pull to θ*): the importance weighting matters only where modified beats it
     original  (λ/2) · Σ_i F_i (θ_i − θ*_i)², F the diagonal empirical Fisher (§3.5, Kirkpatrick et al. 2017)
     freeze    no penalty: the top `freeze_frac` of tensors ranked by Ω are held at θ* (§3.6, Hbat-Freeze)
     random    normalise(Ω) replaced by F_max · softmax(u), u ~ U(0, 1) per tensor, seeded (§3.6, Hbat-Random)
@@ -27,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-METHODS = ("modified", "original", "none", "freeze", "random")
+METHODS = ("modified", "uniform", "original", "none", "freeze", "random")
 # F_max of HPA stages (protecting what IFA learned) and of IFA stages (protecting what HPA learned): the defaults the
 # study chose (docs/results.md); the release sweeps the first and uses 100 for the second
 F_MAX, F_MAX_IFA = 1.0, 10.0
@@ -177,8 +179,10 @@ class EWC:
         omega, f_max = self.importance[other], self.f_max[kind]
         if not omega:
             return  # IFA_1: the other objective has learned nothing yet (§3.2)
-        if self.method == "modified":
+        if self.method in ("modified", "uniform"):
             weights = normalise(omega, f_max, self.norm, self.scale)               # §3.3 F = F_max · normalise(Ω)
+            if self.method == "uniform":
+                weights = dict.fromkeys(weights, sum(weights.values()) / len(weights))
         elif self.method == "random":
             u = torch.rand(len(omega), generator=self.rng, dtype=torch.float64)
             weights = normalise(dict(zip(omega, u.tolist())), f_max, "softmax")    # §3.6 F = F_max · softmax(u)
@@ -203,6 +207,12 @@ class EWC:
     @property
     def active(self) -> bool:
         return bool(self.weights or self.frozen)
+
+    @property
+    def total_weight(self) -> float:
+        """Σ_n F_n of the open stage (summed over elements where F is per element): the strength to match when
+        methods are compared. 0 for freeze and for a stage without penalty."""
+        return float(sum(w.sum().item() if torch.is_tensor(w) else w for w in self.weights.values()))
 
     def penalty(self, model: nn.Module) -> Tensor:
         if not self.weights:

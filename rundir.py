@@ -83,7 +83,7 @@ def schedule_path(out, name):
 
 
 def load_schedule(out, name, map_location):
-    """The checkpoint {"model_args", "model", "ewc", "history", "steps"} of a schedule, or None if it has none."""
+    """The checkpoint {"model_args", "model", "ewc", "history", "steps", "critic"} of a schedule, or None."""
     path = schedule_path(out, name)
     return torch.load(path, map_location=map_location, weights_only=True) if os.path.exists(path) else None
 
@@ -94,10 +94,11 @@ def completed_stages(out, names):
             for name, ckpt in ((n, load_schedule(out, n, "cpu")) for n in names)}
 
 
-def save_schedule(out, name, model_args, state, ewc_state, history, steps):
-    """Called by rank 0 after every stage: resuming needs the weights, the EWC accumulators, the stage records and
-    the optimizer steps taken (every stage restarts AdamW and draws its randomness from its own seed)."""
-    checkpoint.save(model_args, state, schedule_path(out, name), ewc=ewc_state, history=history, steps=steps)
+def save_schedule(out, name, model_args, state, ewc_state, history, steps, critic_state=None):
+    """Called by rank 0 after every stage: resuming needs the weights, the EWC accumulators, the stage records, the
+    optimizer steps taken and PPO's critic (every stage restarts AdamW and draws its randomness from its own seed)."""
+    checkpoint.save(model_args, state, schedule_path(out, name), ewc=ewc_state, history=history, steps=steps,
+                    critic=critic_state)
 
 
 # -----------------------------------------------------------------------------

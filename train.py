@@ -17,6 +17,7 @@ and thread count): each stage draws its randomness from generators seeded by the
 """
 import copy
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import asdict
@@ -51,14 +52,15 @@ def lr_at(step, total, warmup_share):
     return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
-def train_step(model, opt, loss_fn, micros, lr, grad_clip, rt, ewc=None, policy=None):
-    """One AdamW step on the sum of loss_fn(module, micro) / len(micros) over the micro-batches, plus the stage's
-    EWC penalty on `policy` (§3.3). model: parallel.wrap's wrapper. Returns the step's metrics, means over the
-    micro-batches and the ranks, with the gradient norm before clipping."""
+def train_step(model, opt, loss_fn, micros, shares, lr, grad_clip, rt, ewc=None, policy=None):
+    """One AdamW step on Σ_i shares[i] · loss_fn(module, micros[i]) over the micro-batches (shares: each one's part
+    of the batch, summing to 1), plus the stage's EWC penalty on `policy` (§3.3). model: parallel.wrap's wrapper.
+    Returns the step's metrics (the same weighted means, then means over ranks), its lr and the gradient norm
+    before clipping."""
     for g in opt.param_groups:
         g["lr"] = lr
     metrics = {}
-    for i, micro in enumerate(micros):
+    for i, (micro, share) in enumerate(zip(micros, shares)):
         # gradients are averaged over ranks on the last micro-step only, which must be known before the forward
         with parallel.grad_sync(model, i == len(micros) - 1), rt.autocast():
             loss, m = model(loss_fn, micro)
@@ -68,15 +70,15 @@ def train_step(model, opt, loss_fn, micros, lr, grad_clip, rt, ewc=None, policy=
                 m["ewc_penalty"] = penalty.item() * (rt.world if rt.fsdp else 1)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}")
-        (loss / len(micros)).backward()
+        (loss * share).backward()
         for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(micros)
+            metrics[k] = metrics.get(k, 0.0) + v * share
     metrics["grad_norm"] = parallel.clip_grad_norm([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ewc is not None:
         ewc.after_step(policy)  # Hbat-Freeze puts the frozen tensors back
-    return parallel.mean_over_ranks(metrics, rt)
+    return parallel.mean_over_ranks(metrics, rt) | {"lr": lr}
 
 
 def adamw(module, lr):
@@ -91,31 +93,31 @@ def means(rows, prefix=""):
 
 
 def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None):
-    """One stage: one train_step per batch (a list of micro-batches), the lr warmed up and decayed over n_steps.
-    Returns (the stage's mean metrics, the number of steps taken)."""
+    """One stage: one train_step per batch, (micro-batches, their shares), the lr warmed up and decayed over
+    n_steps. Returns (the stage's mean metrics, the number of steps taken)."""
     opt, model, rows = adamw(module, lr), parallel.wrap(rt, module), []
     bar = dict(desc=name, total=n_steps, leave=False, position=2, disable=None if rt.rank == 0 else True)
-    for step, micros in enumerate(tqdm(batches, **bar)):
+    for step, (micros, shares) in enumerate(tqdm(batches, **bar)):
         try:
-            m = train_step(model, opt, loss_fn, micros, lr * lr_at(step, n_steps, warmup), grad_clip, rt, ewc, module)
+            m = train_step(model, opt, loss_fn, micros, shares, lr * lr_at(step, n_steps, warmup), grad_clip, rt,
+                           ewc, module)
         except FloatingPointError as e:
             raise FloatingPointError(f"{name}: {e} at step {step}") from None
-        rows.append(m)
+        rows.append({k: v for k, v in m.items() if k != "lr"})  # the stage reports its mean metrics, not its lr
         if log:
             log(step, m)
     return means(rows), len(rows)
 
 
-def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, log):
+def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, fresh, log):
     """§4.2, cleanrl's loop: for each batch of prompts, a rollout, then cfg.epochs x minibatches of train steps,
     stopped early when the policy moved too far (--target-kl). The KL reference is the model at the start of the
-    stage (§2.3); the critic starts from the reward model (ppo.make_critic says why)."""
+    stage (§2.3); the critic is the schedule's (run_schedule). Returns (mean metrics, steps, prompts rolled out)."""
     cfg = ppo.PPOConfig(kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // rt.world,
                         max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
                         adaptive_kl=args.adaptive_kl_target is not None, kl_target=args.adaptive_kl_target or 6.0)
     kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False)
-    critic = ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(rt, m, lambda: reward.RewardModel(fresh())))
     modules = nn.ModuleDict(dict(policy=model, critic=critic))
     opt, wrapped = adamw(modules, args.lr_hpa), parallel.wrap(rt, modules)
     g = torch.Generator(device=rt.device).manual_seed(seed)  # sampling and minibatch shuffles
@@ -127,28 +129,32 @@ def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, lo
     def loss_fn(modules, mb):
         return ppo.ppo_loss(modules.policy, modules.critic, mb, cfg)
 
+    # the lr's horizon: every rollout's epochs x minibatches, the last rollout and the last minibatch maybe smaller
     local = args.rollout_batch // rt.world
-    n_steps = stage.epochs * (len(prompts) // local) * cfg.epochs * (args.rollout_batch // args.minibatch)
-    step, rows, rollouts = 0, [], []
+    n_steps = stage.epochs * cfg.epochs * sum(data.n_batches(size, cfg.minibatch_size, 1)
+                                             for size in data.batch_sizes(len(prompts), local))
+    step, rows, rollouts, n_prompts = 0, [], [], 0
     bar = tqdm(total=n_steps, desc=stage.name, leave=False, position=2, disable=None if rt.rank == 0 else True)
     for idx in data.shuffled(len(prompts), local, stage.epochs, seed):
         # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
         with rt.autocast(), parallel.gathered(rt, model):
             ro, m = ppo.rollout(model, ref_model, critic, rm, [prompts[i] for i in idx], cfg, tok.eos_id, tok.pad_id,
                                 generator=g, end_of_turn=end_of_turn)
-        if kl_ctl is not None:
-            cfg.kl_coef = kl_ctl.update(m["kl"], len(idx) * rt.world)
         rollouts.append(parallel.mean_over_ranks(m, rt))
+        n_prompts += len(idx) * rt.world
+        if kl_ctl is not None:  # every rank moves the coefficient by the same, mean KL
+            cfg.kl_coef = kl_ctl.update(rollouts[-1]["kl"], len(idx) * rt.world)
         log(step, {"rollout/" + k: v for k, v in rollouts[-1].items()})
         # 2. every epoch's shuffle is drawn before the first update, so an early stop leaves g where it would be
         for mb in [mb for _ in range(cfg.epochs) for mb in ppo.minibatches(ro, cfg.minibatch_size, g)]:
-            micros = [type(mb)(*fields) for fields in zip(*(f.chunk(args.grad_accum) for f in mb))]
+            sizes = data.micro_split(len(mb.scores), args.grad_accum)
+            micros = [type(mb)(*fields) for fields in zip(*(f.split(sizes) for f in mb))]
             try:
-                metrics = train_step(wrapped, opt, loss_fn, micros, args.lr_hpa * lr_at(step, n_steps, args.warmup),
-                                     args.grad_clip, rt, ewc, model)
+                metrics = train_step(wrapped, opt, loss_fn, micros, [k / len(mb.scores) for k in sizes],
+                                     args.lr_hpa * lr_at(step, n_steps, args.warmup), args.grad_clip, rt, ewc, model)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{stage.name}: {e} at step {step}") from None
-            rows.append(metrics)
+            rows.append({k: v for k, v in metrics.items() if k != "lr"})
             log(step, metrics)
             step += 1
             bar.update(1)
@@ -156,7 +162,7 @@ def run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, lo
             if args.target_kl and metrics["approx_kl"] > args.target_kl:
                 break
     bar.close()
-    return means(rows) | means(rollouts, "rollout/"), step
+    return means(rows) | means(rollouts, "rollout/"), step, n_prompts
 
 
 # -----------------------------------------------------------------------------
@@ -167,26 +173,30 @@ def stage_seed(seed, *parts):
     return int(hashlib.sha256(repr((seed,) + parts).encode()).hexdigest()[:8], 16)
 
 
-def run_stage(args, rt, stage, model, subsets, ewc, rm, tok, fresh, log):
-    """Build the batches and the loss of one stage of hbat.py, then optimize. Returns (mean metrics, steps)."""
+def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log):
+    """Build the batches and the loss of one stage of hbat.py, then optimize. Returns (mean metrics, steps, the
+    examples it trained on: demonstrations, pairs or prompts, repeats over epochs counted, over all ranks)."""
     ifa, hpa = (data.shard_of(subsets[kind][stage.subset], rt.rank, rt.world) for kind in ("ifa", "hpa"))
     seed = stage_seed(args.seed, stage.name, stage.kind)
     torch.manual_seed(seed)
     local = args.batch_size // rt.world
     fit = dict(rt=rt, warmup=args.warmup, grad_clip=args.grad_clip, ewc=ewc, log=log)
+    seen = {"ifa": 0, "hpa": 0}  # counted as the batches are used
 
-    def batches(examples, epochs, collate, seed):
-        return data.batches_of(examples, local, epochs, seed, collate, args.grad_accum, rt.device)
+    def batches(examples, epochs, collate, seed, kind):
+        for micros, shares in data.batches_of(examples, local, epochs, seed, collate, args.grad_accum, rt.device):
+            seen[kind] += sum(len(m[0]) for m in micros) * rt.world
+            yield micros, shares
 
-    def ifa_loss(model, batch):  # the losses take (module, micro-batch) -> (loss, metrics)
+    def ifa_loss(model, batch):  # every loss takes (module, micro-batch) -> (loss, metrics)
         return dpo.ifa_step_loss(model, *batch[1:])
 
     if stage.kind == "ifa":
-        return optimize(model, ifa_loss, batches(ifa, stage.epochs, data.ifa_batch, seed),
-                        stage.epochs * (len(ifa) // local), args.lr_ifa, stage.name, **fit)
+        m, steps = optimize(model, ifa_loss, batches(ifa, stage.epochs, data.ifa_batch, seed, "ifa"),
+                            data.n_batches(len(ifa), local, stage.epochs), args.lr_ifa, stage.name, **fit)
+        return m, steps, seen["ifa"]
     if args.algo == "ppo":
-        prompts = [ex[0] for ex in hpa]
-        return run_ppo_stage(args, rt, stage, model, prompts, ewc, rm, tok, seed, fresh, log)
+        return run_ppo_stage(args, rt, stage, model, critic, [ex[0] for ex in hpa], ewc, rm, tok, seed, fresh, log)
     # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
     ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False) if args.live_ref else None
     with rt.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
@@ -197,20 +207,34 @@ def run_stage(args, rt, stage, model, subsets, ewc, rm, tok, fresh, log):
         return dpo.dpo_step_loss(model, tokens, mask, None if args.live_ref else ref_logps[idx], args.beta,
                                  args.label_smoothing, ipo=args.ipo, ref_model=ref_model)
 
-    epochs_hpa = args.epochs_hpa if stage.kind == "multi" else stage.epochs
-    hpa_batches = batches(hpa, epochs_hpa, data.hpa_batch, seed + 1)
     if stage.kind == "hpa":
-        return optimize(model, dpo_loss, hpa_batches, epochs_hpa * (len(hpa) // local), args.lr_hpa, stage.name,
-                        **fit)
+        m, steps = optimize(model, dpo_loss, batches(hpa, stage.epochs, data.hpa_batch, seed + 1, "hpa"),
+                            data.n_batches(len(hpa), local, stage.epochs), args.lr_hpa, stage.name, **fit)
+        return m, steps, seen["hpa"]
 
-    def multi_loss(model, batch):  # §2.4: an IFA batch and an HPA batch in every step
-        (l1, m1), (l2, m2) = ifa_loss(model, batch[0]), dpo_loss(model, batch[1])
-        return l1 + l2, {"ifa/" + k: v for k, v in m1.items()} | {"hpa/" + k: v for k, v in m2.items()}
+    # §2.4 multi-task: every IFA batch with an HPA batch, cycling the HPA batches (E_HPA passes over D_HPA)
+    hpa_list = list(data.batches_of(hpa, local, args.epochs_hpa, seed + 1, data.hpa_batch, args.grad_accum,
+                                    rt.device))
 
-    hpa_list = list(hpa_batches)  # every IFA batch is paired with an HPA batch, cycling the shorter list
-    pairs = (list(zip(b, hpa_list[i % len(hpa_list)]))
-             for i, b in enumerate(batches(ifa, stage.epochs, data.ifa_batch, seed)))
-    return optimize(model, multi_loss, pairs, stage.epochs * (len(ifa) // local), args.lr_ifa, stage.name, **fit)
+    def pairs():  # micro-batch i of each (None where one batch has fewer), each weighted by its share of its batch
+        for i, (micros, shares) in enumerate(batches(ifa, stage.epochs, data.ifa_batch, seed, "ifa")):
+            hpa_micros, hpa_shares = hpa_list[i % len(hpa_list)]
+            seen["hpa"] += sum(len(m[0]) for m in hpa_micros) * rt.world
+            parts = list(itertools.zip_longest(zip(micros, shares), zip(hpa_micros, hpa_shares),
+                                               fillvalue=(None, 0.0)))
+            yield parts, [1.0] * len(parts)
+
+    def multi_loss(model, batch):
+        loss, metrics = 0.0, {}
+        for (micro, share), loss_fn, prefix in zip(batch, (ifa_loss, dpo_loss), ("ifa/", "hpa/")):
+            if micro is not None:
+                l, m = loss_fn(model, micro)
+                loss, metrics = loss + share * l, metrics | {prefix + k: share * v for k, v in m.items()}
+        return loss, metrics
+
+    m, steps = optimize(model, multi_loss, pairs(), data.n_batches(len(ifa), local, stage.epochs), args.lr_ifa,
+                        stage.name, **fit)
+    return m, steps, dict(seen)
 
 
 # -----------------------------------------------------------------------------
@@ -236,12 +260,18 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
     def fresh():  # an unplaced model of the schedule's shape (placed ones cannot be deep-copied)
         return copy.deepcopy(base)
 
-    model = parallel.place(rt, fresh())
+    def new_critic():  # PPO's value network starts as a copy of the reward model (ppo.make_critic says why)
+        return ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(rt, m, lambda: reward.RewardModel(fresh())))
+
+    model, critic = parallel.place(rt, fresh()), None  # the critic is carried from one HPA stage to the next
     ckpt = rundir.load_schedule(args.out, name, "cpu" if rt.fsdp else rt.device)
     if ckpt:
         parallel.load_full_state(rt, model, ckpt["model"])
         if ewc is not None:
             ewc.load_state_dict(ckpt["ewc"])
+        if ckpt.get("critic"):
+            critic = new_critic()
+            parallel.load_full_state(rt, critic, ckpt["critic"])
     history, step0 = (ckpt["history"], ckpt["steps"]) if ckpt else ([], 0)
     last_eval = None
     for i in range(len(history), len(stages)):
@@ -257,12 +287,19 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
 
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)  # the anchor θ* is the model at the start of the stage
+        if args.algo == "ppo" and stage.kind == "hpa" and (critic is None or args.critic_restart):
+            critic = new_critic()  # it estimates values of the same fixed reward in every HPA stage
         try:
-            m, steps = run_stage(args, rt, stage, model, subsets, ewc, rm, tok, fresh, log_step)
+            m, steps, examples = run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log_step)
         except FloatingPointError as e:
             path = rundir.schedule_path(args.out, name)
             die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
                                             "it has no checkpoint yet"), code=1)
+        record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples}
+        if ewc is not None and ewc.active:  # the penalty's strength: Σ_n F_n, and L_EWC where the stage ended
+            with torch.no_grad():
+                end = parallel.mean_over_ranks({"p": ewc.penalty(model).item()}, rt)["p"] * (rt.world if rt.fsdp else 1)
+            record |= {"ewc_total_weight": ewc.total_weight, "ewc_penalty_end": end}
         if ewc is not None:
             fisher = None
             if args.ewc == "original":  # §3.5: the Fisher of the stage's own objective, on up to 256 of its examples
@@ -271,19 +308,19 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
                     *(t.to(rt.device) for t in data.ifa_batch([ex]))).sum())
             ewc.end_stage(stage.kind, model, fisher)
         step0 += steps
-        history.append({"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "seconds": time.time() - t0,
-                        "metrics": m})
+        history.append(record | {"seconds": time.time() - t0, "metrics": m})
         if rt.evaluates:  # where each stage leaves the model: the alignment tax is the IFA score HPA stages lose
             last_eval = evaluate_model(rt, model, tok, test, world, args, rm, judge)
             history[-1]["eval"] = last_eval[0]
         state = parallel.full_state(rt, model)
+        critic_state = parallel.full_state(rt, critic) if critic is not None else None
         if rt.rank == 0:
             e = history[-1]["eval"]
             tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
                        + f" | eval ifa {e['ifa_score']:.3f} hpa {e.get('hpa_score', float('nan')):.3f}"
                        + f" ({time.time() - t0:.1f}s)")
             rundir.save_schedule(args.out, name, asdict(base.args), state, ewc.state_dict() if ewc else {}, history,
-                                 step0)
+                                 step0, critic_state)
         parallel.barrier(rt)
     return model, history, last_eval
 
@@ -337,8 +374,8 @@ def base_model(args, rt, tok, corpus, log):
         def windows():  # the same global batches whatever the world size: each rank takes its rows of them
             for _ in range(args.pretrain_steps):
                 starts = torch.randint(len(stream) - block - 1, (args.pretrain_batch,), generator=g)[rt.rank::rt.world]
-                yield list(torch.stack([stream[s:s + block + 1] for s in starts.tolist()]).to(rt.device)
-                           .chunk(args.grad_accum))
+                yield (list(torch.stack([stream[s:s + block + 1] for s in starts.tolist()]).to(rt.device)
+                            .chunk(args.grad_accum)), [1 / args.grad_accum] * args.grad_accum)
 
         m, _ = optimize(model, dpo.lm_step_loss, windows(), args.pretrain_steps, 1e-3, "pretrain", rt, args.warmup,
                         args.grad_clip, log=lambda step, m: log({"schedule": "base", "stage": "pretrain",
@@ -352,20 +389,38 @@ def base_model(args, rt, tok, corpus, log):
     return Transformer.from_pretrained(path).to(device)
 
 
-def train_reward_model(args, rt, base, hpa_ex, log):
-    """§1: the reward model is trained once on D_HPA (Bradley–Terry, scalar head at the last response token) and
-    kept fixed; PPO then uses only D_HPA's prompts. A tenth of the pairs is held out to measure its accuracy."""
+def sft_model(args, rt, base, ifa_ex, tok, log):
+    """What PPO's reward model starts from (§1): the SFT model, that is two-stage's IFA stage (the same seed, so
+    the same model as two-stage's), trained once per run and kept in OUT/sft.pt."""
+    path = os.path.join(args.out, "sft.pt")
+    if not os.path.exists(path):
+        model = parallel.place(rt, copy.deepcopy(base))
+        run_stage(args, rt, hbat.two_stage(args.epochs_ifa, args.epochs_hpa)[0], model, None,
+                  {"ifa": data.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
+                  lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}))
+        state = parallel.full_state(rt, model)
+        if rt.rank == 0:
+            checkpoint.save(asdict(base.args), state, path)
+        parallel.barrier(rt)
+    return Transformer.from_pretrained(path).to("cpu" if rt.fsdp else rt.device)
+
+
+def train_reward_model(args, rt, sft, hpa_ex, log):
+    """§1: the reward model is trained once on D_HPA from the SFT model (Bradley–Terry, scalar head at the last
+    response token) and kept fixed; PPO then uses only D_HPA's prompts. A tenth of the pairs is held out to
+    measure its accuracy."""
     path = os.path.join(args.out, "reward_model.pt")
     n_val = max(1, len(hpa_ex) // 10)
     train_ex, val_ex = hpa_ex[:-n_val], hpa_ex[-n_val:]
     if not os.path.exists(path):
         torch.manual_seed(stage_seed(args.seed, "rm"))
-        rm = parallel.place(rt, reward.RewardModel(copy.deepcopy(base)))
+        rm = parallel.place(rt, reward.RewardModel(copy.deepcopy(sft)))
         local, batch = data.shard_of(train_ex, rt.rank, rt.world), args.batch_size // rt.world
         optimize(rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
                  data.batches_of(local, batch, args.rm_epochs, stage_seed(args.seed, "rm"), data.hpa_batch,
                                  args.grad_accum, rt.device),
-                 args.rm_epochs * (len(local) // batch), args.lr_ifa, "reward model", rt, args.warmup, args.grad_clip,
+                 data.n_batches(len(local), batch, args.rm_epochs), args.lr_ifa, "reward model", rt, args.warmup,
+                 args.grad_clip,
                  log=lambda step, m: log({"schedule": "reward", "stage": "RM", "stage_index": 0, "step": step, **m}))
         reward.set_offset(rm, train_ex, args.batch_size, rt.device)
         state = parallel.full_state(rt, rm)
@@ -404,7 +459,8 @@ def main(argv=None):
     if tok.vocab_size > base.args.vocab_size:
         die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
             f"--tokenizer does not belong to --model")
-    rm, rm_acc = train_reward_model(args, rt, base, hpa_ex, log.write) if args.algo == "ppo" else (None, None)
+    rm, rm_acc = (train_reward_model(args, rt, sft_model(args, rt, base, ifa_ex, tok, log.write), hpa_ex, log.write)
+                  if args.algo == "ppo" else (None, None))
     results = {"algo": args.algo, "config": config.run_config(args), "reward_model_accuracy": rm_acc,
                "schedules": {}, "win_rates": {}}
     answers = {}

@@ -168,14 +168,36 @@ def test_truncation_keeps_the_prompt_end_and_reports_once(tok):
 # ----------------------------------------------------------------------------------------------------------------
 # Splitting
 
-def test_split_is_seeded_disjoint_and_equal():
+def test_split_is_seeded_disjoint_and_keeps_every_item():
     items = list(range(103))
     parts = data.split(items, 4, seed=7)
     assert parts == data.split(items, 4, seed=7) and parts != data.split(items, 4, seed=8)
-    assert [len(p) for p in parts] == [25] * 4  # the 3 left over are dropped
-    flat = [x for p in parts for x in p]
-    assert len(set(flat)) == 100 and set(flat) <= set(items)
+    assert [len(p) for p in parts] == [26, 26, 26, 25]  # the 3 left over by 103 // 4 go to the first subsets
+    assert sorted(x for p in parts for x in p) == items
     assert data.split(items, 1, seed=0)[0] != items and sorted(data.split(items, 1, seed=0)[0]) == items
+    assert [len(p) for p in data.split(list(range(100)), 4, seed=7)] == [25] * 4
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
+def test_every_schedule_sees_every_example_as_often(n):
+    """Equal data: N subsets of 103 examples, each cut into batches of 8 for 2 epochs (the last batch of an epoch
+    smaller), use every example exactly twice, as one subset of all 103 does; so do its micro-batches, with shares
+    that sum to 1 and are proportional to their sizes."""
+    examples = [([1, i], [i, 2]) for i in range(103)]
+    used = []
+    for subset in data.split(examples, n, seed=0):
+        batches = list(data.batches_of(subset, 8, 2, seed=n, collate=data.ifa_batch, n_micro=3, device="cpu"))
+        assert len(batches) == data.n_batches(len(subset), 8, 2)
+        for micros, shares in batches:
+            sizes = [len(m[0]) for m in micros]
+            assert sum(shares) == pytest.approx(1) and shares == pytest.approx([k / sum(sizes) for k in sizes])
+            used += [subset[i][0][1] for m in micros for i in m[0].tolist()]
+    assert sorted(used) == sorted(list(range(103)) * 2)
+
+
+def test_batch_and_micro_batch_sizes():
+    assert data.batch_sizes(10, 4) == [4, 4, 2] and data.batch_sizes(8, 4) == [4, 4] and data.n_batches(10, 4, 3) == 9
+    assert data.micro_split(10, 4) == [3, 3, 2, 2] and data.micro_split(2, 4) == [1, 1] and data.micro_split(8, 2) == [4, 4]
 
 
 @pytest.mark.parametrize("n", [0, -1, 4])

@@ -191,8 +191,9 @@ def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
     for name in ckpt_ddp:
         a, b = ckpt_ddp[name]["model"], ckpt_fsdp[name]["model"]
         assert a.keys() == b.keys()  # saved whole, in the same layout: either run resumes the other's checkpoints
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-3)  # Adam magnifies rounding on ~0 grads
+        # Adam turns rounding noise on a ~0 gradient into a step of about ±lr (1e-3): allow that on a few weights
+        diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
+        assert (diff > 1e-3).float().mean() < 1e-3 and diff.max() < 1e-2, (name, (diff > 1e-3).sum(), diff.max())
 
 
 @pytest.mark.slow
@@ -215,8 +216,8 @@ def test_grad_accum_micro_batches_keep_each_pair_together():
     chosen rows, then the same pairs' rejected rows, in the order of its indices, each pair in exactly one."""
     B = 4
     examples = [([1, 10 + i], [20 + i] * (i + 1) + [2], [30 + i, 2]) for i in range(B)]
-    (micros,) = list(data.batches_of(examples, B, 1, 0, data.hpa_batch, 2, "cpu"))
-    assert len(micros) == 2
+    ((micros, shares),) = list(data.batches_of(examples, B, 1, 0, data.hpa_batch, 2, "cpu"))
+    assert len(micros) == 2 and shares == [0.5, 0.5]
 
     def row(t, m, r):  # prompt + answer of one row, without the padding
         return t[r, :int(m[r].nonzero().max()) + 1].tolist()
@@ -239,12 +240,14 @@ def test_grad_accum_micro_batches_keep_each_pair_together():
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_an_uninterrupted_run(smoke_run, tmp_path, cache):
+@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+def test_kill_and_resume_equals_an_uninterrupted_run(algo, smoke_run, tmp_path, cache):
     """Run B is the uninterrupted run A's command, SIGKILLed once hbat has checkpointed at least two stages (so both
-    EWC accumulators are in play), then re-run: results.json and the per-step metrics equal A's exactly (CPU)."""
-    out_a, _ = smoke_run("dpo")
+    EWC accumulators, and under PPO the critic carried across HPA stages, are in play), then re-run: results.json
+    and the per-step metrics equal A's exactly (CPU)."""
+    out_a, _ = smoke_run(algo)
     out = tmp_path / "out"
-    cmd = [sys.executable, "train.py", *SMOKE, "--algo", "dpo", "--out", str(out), "--cache-dir", str(cache)]
+    cmd = [sys.executable, "train.py", *SMOKE, "--algo", algo, "--out", str(out), "--cache-dir", str(cache)]
     with open(tmp_path / "b.log", "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         done, deadline = 0, time.time() + 300
@@ -280,7 +283,7 @@ def test_rerunning_a_finished_run_reproduces_its_results(smoke_run, tmp_path, ca
     ok(train("--algo", "ppo", out=out, cache=cache))
     assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
     after = snapshot(out)
-    for name in ("reward_model.pt", "two-stage.pt", "hbat.pt", "metrics.jsonl"):
+    for name in ("sft.pt", "reward_model.pt", "two-stage.pt", "hbat.pt", "metrics.jsonl"):
         assert after[name] == before[name], f"{name} changed though nothing was left to run"
 
 
@@ -399,7 +402,7 @@ def test_grad_accum_takes_the_same_step_as_one_big_batch():
     for accum in (1, 2):
         model = __import__("copy").deepcopy(base)
         batches = list(data.batches_of(examples, 8, 1, 0, data.hpa_batch, accum, "cpu"))
-        assert len(batches) == 1 and len(batches[0]) == accum
+        assert len(batches) == 1 and len(batches[0][0]) == accum
         train.optimize(model, loss_fn, batches, 1, 1e-2, "dpo", parallel.Runtime("cpu"), warmup=0.0, grad_clip=1e9)
         after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moved = (after[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max()
@@ -427,8 +430,80 @@ def test_train_step_adds_the_stage_penalty_to_the_loss():
     want_norm = torch.cat([(g + 2 * ewc.weights[n] * 4.0 * 0.01).flatten() for n, g in zip(names, grads)]).norm()
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they are
     m = train.train_step(parallel.wrap(parallel.Runtime("cpu"), model), opt,
-                         lambda mod, b: train.dpo.ifa_step_loss(mod, *b), [(tokens, mask)], 0.0, 1e9,
+                         lambda mod, b: train.dpo.ifa_step_loss(mod, *b), [(tokens, mask)], [1.0], 0.0, 1e9,
                          parallel.Runtime("cpu"), ewc, model)
     assert m["ewc_penalty"] == pytest.approx(want_penalty, rel=1e-5)
     assert m["grad_norm"] == pytest.approx(want_norm.item(), rel=1e-5)
     assert m["loss"] == pytest.approx(loss.item(), rel=1e-6)  # the logged loss is the objective's alone
+
+
+# -----------------------------------------------------------------------------
+# the loop's wiring, read from what a run writes
+
+
+def test_lr_schedule_by_hand():
+    """10 steps, warm-up share 0.2: lr/peak rises 0.5, 1 over steps 0-1, then falls linearly, (10 - s) / 8, to 1/8 at
+    the last step (the next step, which is not taken, would be 0)."""
+    import train
+    assert [train.lr_at(s, 10, 0.2) for s in range(10)] == [0.5, 1.0] + [(10 - s) / 8 for s in range(2, 10)]
+    assert train.lr_at(0, 1, 0.1) == 1.0  # a one-step stage runs at the peak
+
+
+def first_rows(out, key):
+    """{(schedule, stage): the first metrics row of that stage that has `key`}."""
+    rows = {}
+    for r in read_rows(out / "metrics.jsonl"):
+        if key in r and r["schedule"] in ("two-stage", "hbat"):
+            rows.setdefault((r["schedule"], r["stage"]), r)
+    return rows
+
+
+@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+def test_the_loop_is_wired_as_the_method_says(smoke_run, algo):
+    """From one smoke run's results.json and metrics.jsonl:
+    - equal data: hbat's IFA stages together train on as many demonstrations as two-stage's IFA stage (every one,
+      E_IFA times), its HPA stages on as many pairs or prompts;
+    - the reference of every HPA stage is the model at the stage's start: DPO's implicit rewards, PPO's KL, are 0
+      at the stage's first step;
+    - the EWC anchor is the stage's start: the penalty of every penalised stage is 0 at its first step, its total
+      weight recorded, and it is > 0 where the stage ended;
+    - each stage's lr horizon is the steps it took: the last step runs at peak / (steps - warm-up steps)."""
+    out, _ = smoke_run(algo)
+    results, config = read_json(out / "results.json"), read_json(out / "config.json")
+    stages = {name: s["stages"] for name, s in results["schedules"].items()}
+    for kind, n, epochs in (("ifa", config["n_ifa"], config["epochs_ifa"]), ("hpa", config["n_hpa"], config["epochs_hpa"])):
+        assert [sum(st["examples"] for st in stages[name] if st["kind"] == kind) for name in stages] == [n * epochs] * 2
+    if algo == "dpo":
+        for (schedule, stage), r in first_rows(out, "rewards/margin").items():
+            assert abs(r["rewards/chosen"]) < 1e-5 and abs(r["rewards/rejected"]) < 1e-5, (schedule, stage)
+    else:
+        starts = first_rows(out, "rollout/kl")
+        assert len(starts) == 1 + config["n_splits"]
+        assert all(r["rollout/kl"] == 0 and r["rollout/kl_true"] == 0 for r in starts.values()), starts
+    penalised = [st for st in stages["hbat"] if st["ewc"]]
+    assert len(penalised) == 2 * config["n_splits"] - 1
+    first = first_rows(out, "ewc_penalty")
+    for st in penalised:
+        assert first[("hbat", st["name"])]["ewc_penalty"] == 0
+        assert st["ewc_total_weight"] > 0 and st["ewc_penalty_end"] > 0
+    lrs = {}
+    for r in read_rows(out / "metrics.jsonl"):
+        if "lr" in r and r["schedule"] in ("two-stage", "hbat"):
+            lrs.setdefault((r["schedule"], r["stage"]), []).append(r["lr"])
+    for name, records in stages.items():
+        for st in records:
+            got, peak = lrs[(name, st["name"])], config["lr_ifa"] if st["kind"] == "ifa" else config["lr_hpa"]
+            assert len(got) == st["steps"]
+            warm = max(1, int(config["warmup"] * st["steps"]))
+            assert got[-1] == pytest.approx(peak * (1.0 if st["steps"] == warm else 1 / (st["steps"] - warm)))
+
+
+def test_ppo_lr_horizon_when_minibatches_do_not_divide_the_rollout(tmp_path, cache):
+    """Rollouts of 16 prompts in minibatches of 6 (6, 6, 4): 3 updates per rollout, and the lr's horizon counts them."""
+    out = tmp_path / "out"
+    ok(train("--algo", "ppo", "--schedule", "two-stage", "--minibatch", "6", out=out, cache=cache))
+    rows = [r for r in read_rows(out / "metrics.jsonl") if r["schedule"] == "two-stage" and r["stage"] == "HPA"
+            and "lr" in r]
+    (hpa,) = [st for st in read_json(out / "results.json")["schedules"]["two-stage"]["stages"] if st["kind"] == "hpa"]
+    assert len(rows) == hpa["steps"] == (64 // 16) * 3 and hpa["examples"] == 64
+    assert rows[-1]["lr"] == pytest.approx(1e-3 / (hpa["steps"] - 1))
