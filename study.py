@@ -34,6 +34,23 @@ ABLATIONS = (
     + [("norm=softmax(s=1e10)", ["--ewc-norm", "softmax", "--ewc-scale", "1e10"]),
        ("elementwise", ["--ewc-elementwise"])]
 )
+# The protection methods each at its own best strength: the same grid of multipliers of each method's strength knob
+# (F_max and F_max_ifa together; λ for original EWC, whose penalty is linear in it), hbat only, as ablations named
+# "<method>x<multiplier>". uniform is the control: modified's total weight Σ_n F_n spread equally over the tensors.
+METHODS = {"modified": [], "uniform": ["--ewc", "uniform"], "softmax(s=1e10)": ["--ewc-norm", "softmax",
+           "--ewc-scale", "1e10"], "elementwise": ["--ewc-elementwise"], "original": ["--ewc", "original"],
+           "random": ["--ewc", "random"]}
+MULTIPLIERS = (0.1, 0.3, 1, 3, 10, 30, 100)
+
+
+def strength_flags(method, x):
+    if method == "original":
+        return METHODS[method] + ["--ewc-lambda", f"{x:g}"]
+    return METHODS[method] + ["--f-max", f"{x:g}", "--f-max-ifa", f"{10 * x:g}"]  # the defaults are 1 and 10
+
+
+ABLATIONS += tuple((f"{m}x{x:g}", strength_flags(m, x)) for m in METHODS for x in MULTIPLIERS
+                   if (m, x) != ("modified", 1))  # modified at x1 is the main runs' hbat
 
 
 def run(args, out, flags):
@@ -99,8 +116,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--taxes", type=float, nargs="+", default=[0.5, 0.0], help="annotator-bias knob c values")
     p.add_argument("--only", choices=["main", "ablations", "all"], default="all")
-    p.add_argument("--ablations", nargs="+", metavar="NAME", choices=[name for name, _ in ABLATIONS],
-                   help="run only these ablations (default: all)")
+    p.add_argument("--ablations", nargs="+", metavar="NAME", choices=[name for name, _ in ABLATIONS] + ["strengths"],
+                   help="run only these ablations (default: all but the strength grid; 'strengths': the grid of "
+                   "every protection method at every multiplier)")
     p.add_argument("--preset", default="default")
     p.add_argument("--world-seed", type=int, default=0, help="the embedded world (and so the base model pretrained "
                    "on its corpus); the seeds vary only training")
@@ -136,8 +154,11 @@ def main():
             table.setdefault(f"c={c} SFT only (after IFA)", []).append((sft.get("eval", {}), None))
     if args.only in ("ablations", "all"):
         c = args.taxes[0]
+        grid = {name for name, _ in ABLATIONS[-len(METHODS) * len(MULTIPLIERS) + 1:]}
         for name, flags in ABLATIONS:
-            if args.ablations and name not in args.ablations:
+            wanted = (name in args.ablations or ("strengths" in args.ablations and name in grid)) if args.ablations \
+                else name not in grid
+            if not wanted:
                 continue
             for seed in args.seeds:
                 out = f"{root}/abl_{name.replace('=', '').replace('(', '').replace(')', '')}_c{c}_s{seed}"
