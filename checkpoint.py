@@ -8,6 +8,7 @@ model from `load`, model.save_checkpoint writes through `save`, and `export_hf` 
 layout. `atomic_save` is the one way checkpoints reach the disk, for the training loop as well.
 """
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -62,11 +63,21 @@ def load(path) -> tuple[dict, dict[str, torch.Tensor]]:
                             f"or config.json (Hugging Face layout)")
 
 
+def _read_json(file: Path) -> dict:
+    """A JSON config; a malformed or missing one is a ValueError or OSError naming the file."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
 def _torch_load(file: Path):
     try:  # weights_only: a checkpoint is data; a pickle that names a function would run it on load
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{file} holds pickled Python objects besides tensors; refusing to load it") from e
+    except pickle.UnpicklingError:
+        raise ValueError(f"{file} holds pickled Python objects besides tensors; refusing to load it") from None
+    except (RuntimeError, EOFError) as e:  # not a torch zip file, or a truncated one
+        raise ValueError(f"{file}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def _load_ours(file: Path):
@@ -77,7 +88,7 @@ def _load_ours(file: Path):
 
 
 def _load_meta(d: Path):
-    params = json.loads((d / "params.json").read_text())
+    params = _read_json(d / "params.json")
     if params.get("use_scaled_rope"):
         raise ValueError(f"{d}/params.json: use_scaled_rope (Llama 3.1 rotary scaling) is not supported")
     shards = [_torch_load(f) for f in sorted(d.glob("consolidated.*.pth"))]  # 00, 01, ... is the concat order
@@ -124,7 +135,11 @@ def permute_qk(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Te
 
 
 def _load_hf(d: Path):
-    cfg = json.loads((d / "config.json").read_text())
+    cfg = _read_json(d / "config.json")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                           "vocab_size") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ValueError(f"{d}/config.json: no integer {', '.join(missing)} (not a LLaMA config)")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     rope = cfg.get("rope_parameters") or {}  # newer writers move rope_theta in here
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
@@ -141,7 +156,7 @@ def _load_hf(d: Path):
                   rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
                   max_seq_len=cfg.get("max_position_embeddings", 2048))
     index = d / "model.safetensors.index.json"
-    files = (sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file()
+    files = (sorted({d / f for f in _read_json(index)["weight_map"].values()}) if index.is_file()
              else sorted(d.glob("model.safetensors")) or sorted(d.glob("pytorch_model*.bin")))
     if not files:
         raise FileNotFoundError(f"{d} has config.json but no model.safetensors(.index.json) or pytorch_model*.bin")
@@ -168,11 +183,18 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file: a little-endian u64 header length, a JSON header mapping each name to its
-    dtype, shape and byte range [begin, end) in the data that follows."""
-    tensors = {}
+    dtype, shape and byte range [begin, end) in the data that follows. A file that breaks the layout (a header
+    length past the file or over the reference reader's 100 MB cap, a byte range past the end or of the wrong
+    size) is a ValueError naming it, checked before anything is read into memory."""
+    tensors, size = {}, os.path.getsize(file)
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if not 2 <= n <= min(size - 8, 100 << 20):
+            raise ValueError(f"{file}: not a safetensors file (header length {n} in a file of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{file}: not a safetensors file (its header is not JSON)") from None
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -180,6 +202,10 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']} "
                                  f"(supported: {', '.join(_ST_DTYPES)})")
             begin, end = info["data_offsets"]
+            itemsize = torch.empty(0, dtype=_ST_DTYPES[info["dtype"]]).element_size()
+            if not 0 <= begin <= end <= size - 8 - n or end - begin != itemsize * math.prod(info["shape"]):
+                raise ValueError(f"{file}: tensor {name} lies outside the file or has the wrong size "
+                                 f"(truncated or corrupt)")
             f.seek(8 + n + begin)
             data = bytearray(f.read(end - begin))
             dtype = _ST_DTYPES[info["dtype"]]

@@ -174,6 +174,8 @@ def check_args(args, p):
             p.error("--fsdp supports per-tensor importance only: not with --ewc original or --ewc-elementwise")
         if "RANK" not in os.environ:
             p.error("--fsdp needs torchrun, e.g. torchrun --nproc_per_node 8 train.py --fsdp ...")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a directory")
     for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer", "judge"):
         path = getattr(args, flag)
         if path and not os.path.exists(path) and not (args.dry_run and path in memory.LLAMA2):

@@ -353,13 +353,10 @@ def tiny_model_args(args, vocab_size):
                      vocab_size=vocab_size, multiple_of=16, max_seq_len=args.max_seq_len)
 
 
-def base_model(args, rt, tok, corpus, log):
-    """--model if given; else the tiny base for the embedded world, pretrained once on its unlabeled corpus
-    (next-token loss on packed windows) and cached under --cache-dir keyed by everything it depends on. On the
-    CPU under FSDP (every copy a run makes is placed from it), else on the device."""
-    device = "cpu" if rt.fsdp else rt.device
-    if args.model:
-        return Transformer.from_pretrained(args.model).to(device)
+def tiny_base(args, rt, tok, corpus, log):
+    """The base model of the embedded world (without --model): a tiny LLaMA pretrained once on the world's
+    unlabeled corpus (next-token loss on packed windows), cached under --cache-dir keyed by everything it depends
+    on. On the CPU under FSDP (every copy a run makes is placed from it), else on the device."""
     margs = tiny_model_args(args, tok.vocab_size)
     stream = torch.tensor([t for text in corpus for t in [tok.bos_id] + tok.encode(text) + [tok.eos_id]])
     block = min(64, args.max_seq_len)
@@ -386,7 +383,7 @@ def base_model(args, rt, tok, corpus, log):
                        f"params, final loss {m['loss']:.3f}, cached at {path}")
             checkpoint.save(asdict(margs), state, path)
         parallel.barrier(rt)
-    return Transformer.from_pretrained(path).to(device)
+    return Transformer.from_pretrained(path).to("cpu" if rt.fsdp else rt.device)
 
 
 def sft_model(args, rt, base, ifa_ex, tok, log):
@@ -451,11 +448,12 @@ def main(argv=None):
     try:
         tok, ifa_ex, hpa_ex, test, world, corpus = load_task(args, rt)
         judge = evaluate.load_judge(args.judge, tok, args.max_seq_len, rt.device) if args.judge else None
+        base = Transformer.from_pretrained(args.model) if args.model else None  # a bad file is one line too
     except (OSError, ValueError) as e:  # data.DataError is a ValueError
         die(str(e))
     config.check_sizes(args, len(ifa_ex), len(hpa_ex))
     log.keep_only(rundir.completed_stages(args.out, args.schedules))
-    base = base_model(args, rt, tok, corpus, log.write)
+    base = base.to("cpu" if rt.fsdp else rt.device) if base else tiny_base(args, rt, tok, corpus, log.write)
     if tok.vocab_size > base.args.vocab_size:
         die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
             f"--tokenizer does not belong to --model")

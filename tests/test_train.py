@@ -17,6 +17,7 @@ import torch
 
 import data
 from conftest import ENV, ROOT, ok, tiny_transformer
+from checkpoint import export_hf
 from model import ModelArgs, Transformer, save_checkpoint
 
 SMOKE = ("--preset", "smoke", "--device", "cpu")
@@ -338,7 +339,52 @@ BAD_INPUT = {
     "--fsdp without torchrun": (lambda d, tmp: ["--fsdp"], "--fsdp"),
     "--fsdp with element-wise EWC": (lambda d, tmp: ["--fsdp", "--ewc-elementwise"], "--ewc-elementwise"),
     "--ifa-styled 2": (lambda d, tmp: ["--ifa-styled", "2"], "--ifa-styled"),
+    "--out is a file": (lambda d, tmp: ["--out", shutil.copy(d / "ifa.jsonl", tmp)], "--out"),
 }
+
+
+def bad_model(d, tmp, kind):
+    """A --model that cannot be loaded, beside a good tokenizer.model: (its path, what the line must name)."""
+    shutil.copy(d / "model" / "tokenizer.model", tmp / "tokenizer.model")
+    if kind in ("random bytes .pt", "pickled code"):
+        path = tmp / "model.pt"
+        if kind == "random bytes .pt":
+            path.write_bytes(bytes(range(256)) * 64)
+        else:
+            torch.save({"model_args": {}, "model": {}, "run": os.system}, path)  # a function: weights_only refuses
+        return path, "model.pt"
+    if kind == "other architecture":
+        path = tmp / "model.pt"
+        save_checkpoint(tiny_transformer(seed=0, n_layers=1), path)
+        args, state = torch.load(path, weights_only=True).values()
+        torch.save({"model_args": args | {"n_layers": 2}, "model": state}, path)  # a config its weights do not fit
+        return path, "model.pt"
+    hf = tmp / "hf"
+    export_hf(Transformer.from_pretrained(d / "model" / "model.pt"), hf)
+    st = hf / "model.safetensors"
+    if kind == "truncated safetensors":
+        st.write_bytes(st.read_bytes()[:-100])
+    elif kind == "safetensors with a garbage header":
+        st.write_bytes(b"\xff" * 8 + st.read_bytes()[8:])  # a header length of 2^64 - 1
+    elif kind == "malformed config.json":
+        (hf / "config.json").write_text('{"hidden_size": 16,')
+        return hf, "config.json"
+    return hf, "model.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["random bytes .pt", "pickled code", "other architecture", "truncated safetensors",
+                                  "safetensors with a garbage header", "malformed config.json"])
+def test_a_bad_model_file_exits_2_with_one_line_and_runs_nothing(kind, custom, tmp_path, cache):
+    """Every way a --model can be unreadable: one line naming the file, exit 2, no traceback, and nothing trained
+    (no checkpoint, no log row): the model is read before anything runs."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    path, name = bad_model(custom, scratch, kind)
+    out = tmp_path / "out"
+    line = one_line_error(train(*custom_flags(custom, model=path), "--tokenizer", scratch / "tokenizer.model",
+                                out=out, cache=cache))
+    assert name in line and str(path) in line, line
+    assert not [n for n in os.listdir(out) if n.endswith((".pt", ".jsonl"))], os.listdir(out)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
