@@ -290,18 +290,22 @@ def load_records(path, fmt=None, kind=None):
     return [{"prompt": r["prompt"], "response": r["chosen"]} for r in kept]
 
 
-def load_real_task(model, tokenizer, ifa_data, hpa_data, test_data=None, n_test=300):
-    """A real-data run's tokenizer and records: (tok, ifa, hpa, test), test as {"prompt", "reference"}.
-
-    tokenizer: a tokenizer.model path, or None to find it inside the model folder (Hugging Face keeps it there) or
-    beside it (Meta's download keeps it next to the llama-2-7b/ folder). Without test_data the last n_test
-    demonstrations are held out as the test prompts."""
+def find_tokenizer(model, tokenizer=None):
+    """The Tokenizer of a model: `tokenizer` (a tokenizer.model path) if given, else the tokenizer.model inside the
+    model's folder (Hugging Face keeps it there, and a run keeps one in its --out beside OUT/<schedule>.pt) or
+    beside it (Meta's download keeps it next to the llama-2-7b/ folder)."""
     model_dir = os.path.abspath(model if os.path.isdir(model) else os.path.dirname(model))
     found = [p for p in (os.path.join(d, "tokenizer.model") for d in (model_dir, os.path.dirname(model_dir)))
              if os.path.exists(p)]
     if not (tokenizer or found):
         raise DataError(f"no tokenizer.model in or beside {model_dir}: give --tokenizer")
-    tok = Tokenizer.load(tokenizer or found[0])
+    return Tokenizer.load(tokenizer or found[0])
+
+
+def load_real_task(model, tokenizer, ifa_data, hpa_data, test_data=None, n_test=300):
+    """A real-data run's tokenizer (`find_tokenizer`) and records: (tok, ifa, hpa, test), test as {"prompt",
+    "reference"}. Without test_data the last n_test demonstrations are held out as the test prompts."""
+    tok = find_tokenizer(model, tokenizer)
     ifa, hpa = load_records(ifa_data, kind="ifa"), load_records(hpa_data, kind="hpa")
     if not test_data and len(ifa) <= n_test:
         raise DataError(f"{ifa_data}: {len(ifa)} demonstrations leave none for training after --n-test {n_test}; "

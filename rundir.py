@@ -3,6 +3,7 @@
     OUT/config.json              the settings that define the run (config.run_config); another run is not resumed here
     OUT/metrics.jsonl            one row per optimizer step (and per PPO rollout), for curves
     OUT/<schedule>.pt            the schedule after its last completed stage: weights, EWC accumulators, history
+    OUT/tokenizer.model          the run's tokenizer (sample.py finds it beside OUT/<schedule>.pt)
     OUT/reward_model.pt          PPO's reward model, trained once
     OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/method.md §5)
     OUT/<schedule>.responses.jsonl, OUT/<schedule>-hf/   the held-out answers; the Hugging Face export
@@ -111,9 +112,14 @@ def write_answers(out, name, rows):
                             lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
+def write_tokenizer(directory, tok):
+    """directory/tokenizer.model, where data.find_tokenizer (sample.py, a run on real data) looks for it."""
+    checkpoint.atomic_write(os.path.join(directory, "tokenizer.model"), lambda f: f.write(tok.model_proto))
+
+
 def export(out, name, model, tok, state, bf16):
     """OUT/<schedule>-hf: the Hugging Face layout, with the tokenizer; bf16 under bf16, as LLaMA weights ship."""
     hf_dir = os.path.join(out, f"{name}-hf")
     dtype = torch.bfloat16 if bf16 else torch.float32
     checkpoint.export_hf(model, hf_dir, tok.bos_id, tok.eos_id, {k: v.to(dtype) for k, v in state.items()})
-    checkpoint.atomic_write(os.path.join(hf_dir, "tokenizer.model"), lambda f: f.write(tok.model_proto))
+    write_tokenizer(hf_dir, tok)

@@ -453,6 +453,8 @@ def main(argv=None):
         die(str(e))
     config.check_sizes(args, len(ifa_ex), len(hpa_ex))
     log.keep_only(rundir.completed_stages(args.out, args.schedules))
+    if rt.rank == 0:
+        rundir.write_tokenizer(args.out, tok)
     base = base.to("cpu" if rt.fsdp else rt.device) if base else tiny_base(args, rt, tok, corpus, log.write)
     if tok.vocab_size > base.args.vocab_size:
         die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "

@@ -149,6 +149,15 @@ def test_exported_model_round_trips(runs, llama, run):
             expected = trained(tokens)
             torch.testing.assert_close(exported(tokens), expected, atol=1e-5, rtol=0)
             assert not torch.allclose(llama.model(tokens), expected)  # the weights did move from the base
+    # sample.py answers from the export and from OUT/hbat.pt alike (each finds its tokenizer.model), and from the
+    # Meta folder the run started from (tokenizer beside it)
+    prompts = "What is a good name for a cat?\nName a colour.\n"  # one per line, each wrapped in an HH turn
+    answers = [ok(subprocess.run([sys.executable, "sample.py", path, "--template", "hh", "--max-new-tokens", "8"],
+                                 cwd=ROOT, env=ENV, input=prompts, capture_output=True, text=True,
+                                 timeout=120)).stdout.splitlines() for path in (out / "hbat-hf", out / "hbat.pt")]
+    assert answers[0] == answers[1] and len(answers[0]) == 2
+    ok(subprocess.run([sys.executable, "sample.py", llama.dir / "meta", "Hi"], cwd=ROOT, env=ENV, capture_output=True,
+                      text=True, timeout=120))
 
 
 @pytest.mark.slow

@@ -553,3 +553,38 @@ def test_ppo_lr_horizon_when_minibatches_do_not_divide_the_rollout(tmp_path, cac
     (hpa,) = [st for st in read_json(out / "results.json")["schedules"]["two-stage"]["stages"] if st["kind"] == "hpa"]
     assert len(rows) == hpa["steps"] == (64 // 16) * 3 and hpa["examples"] == 64
     assert rows[-1]["lr"] == pytest.approx(1e-3 / (hpa["steps"] - 1))
+
+
+# -----------------------------------------------------------------------------
+# sample.py: talk to the result
+
+
+def sample(*args, stdin=None):
+    return subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, env=ENV, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sample_answers_as_the_evaluation_did(smoke_run):
+    """sample.py on a run's OUT/hbat.pt, its prompts on stdin, greedy: the same answers, line for line, as the
+    run's own evaluation wrote to hbat.responses.jsonl (the tokenizer found in --out); a prompt as an argument gets
+    the same answer; sampling with a seed repeats itself."""
+    out, _ = smoke_run("dpo")
+    rows = read_rows(out / "hbat.responses.jsonl")
+    proc = ok(sample(out / "hbat.pt", "--max-new-tokens", 12, stdin="".join(r["prompt"] + "\n" for r in rows)))
+    assert proc.stdout.splitlines() == [r["response"] for r in rows]
+    one = ok(sample(out / "hbat.pt", rows[0]["prompt"], "--max-new-tokens", 12)).stdout.splitlines()
+    assert one == [rows[0]["response"]]
+    hot = [ok(sample(out / "hbat.pt", rows[1]["prompt"], "--temperature", 1, "--seed", 3)).stdout for _ in range(2)]
+    assert hot[0] == hot[1]
+
+
+@pytest.mark.parametrize("case", ["no such checkpoint", "not a checkpoint", "no tokenizer", "--top-p 0"])
+def test_sample_bad_input_is_one_line(case, smoke_run, tmp_path):
+    out, _ = smoke_run("dpo")
+    (tmp_path / "junk.pt").write_text("junk")
+    shutil.copy(out / "hbat.pt", tmp_path / "hbat.pt")  # without the tokenizer.model of its --out
+    args, name = {"no such checkpoint": ([tmp_path / "nowhere.pt", "hi"], "nowhere.pt"),
+                  "not a checkpoint": ([tmp_path / "junk.pt", "hi"], "junk.pt"),
+                  "no tokenizer": ([tmp_path / "hbat.pt", "hi"], "--tokenizer"),
+                  "--top-p 0": ([out / "hbat.pt", "hi", "--top-p", 0], "--top-p")}[case]
+    assert name in one_line_error(sample(*args))
