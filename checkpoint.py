@@ -53,6 +53,8 @@ def load(path) -> tuple[dict, dict[str, torch.Tensor]]:
     (config.json + model.safetensors, sharded safetensors with an index, or pytorch_model*.bin). params holds
     ModelArgs keyword arguments; a Meta params.json may add keys of its own, which the caller drops."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         return _load_ours(path)
     if (path / "params.json").is_file():

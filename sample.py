@@ -58,7 +58,7 @@ def main(argv=None):
                    "whose probability reaches this")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # prompts before or after the options
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         die("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
