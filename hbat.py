@@ -12,6 +12,7 @@ the lists below is reading the paper's Figure 1:
 "Hbat without EWC" (alternation alone) is `hbat` with `--ewc none`; the other EWC variants (original, freeze,
 random) come through `--ewc` too, since they change how a stage is protected, not the order of the stages.
 """
+import hashlib
 from dataclasses import dataclass
 
 SCHEDULES = ("two-stage", "hbat", "multi-task")
@@ -56,3 +57,9 @@ def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool) -> tuple[lis
     if name == "multi-task":
         return multi_task(e_ifa, e_hpa), 1
     raise ValueError(f"--schedule: unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")
+
+
+def stage_seed(seed: int, *parts) -> int:
+    """The seed of one stage's randomness (batch order, sampling), from --seed and the stage's name and kind: every
+    stage draws from its own generators, so a run resumed at a stage boundary goes on with the same numbers."""
+    return int(hashlib.sha256(repr((seed,) + parts).encode()).hexdigest()[:8], 16)

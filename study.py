@@ -44,6 +44,8 @@ MULTIPLIERS = (0.1, 0.3, 1, 3, 10, 30, 100)
 
 
 def strength_flags(method, x):
+    if x == 1:  # the method's own default strength
+        return METHODS[method]
     if method == "original":
         return METHODS[method] + ["--ewc-lambda", f"{x:g}"]
     return METHODS[method] + ["--f-max", f"{x:g}", "--f-max-ifa", f"{10 * x:g}"]  # the defaults are 1 and 10

@@ -11,12 +11,12 @@ Read it top to bottom: `train_step` is one AdamW step, the same in every stage (
 penalty, clip, step); `optimize` runs a stage's batches through it; `run_ppo_stage` is PPO's loop around it (rollout
 -> epochs x minibatches -> early stop); `run_stage` builds a stage's batches and loss; `run_schedule` walks the stages
 of hbat.py with a checkpoint after each; `main`: task -> base model -> (PPO) reward model -> each schedule ->
-results.json and a table. Flags: config.py; the run directory: rundir.py; one process, DDP or FSDP: parallel.py.
+results.json and a table. Flags: config.py; the task, base and reward model: prepare.py; the run directory:
+rundir.py; one process, DDP or FSDP: parallel.py.
 Re-running a command with the same --out resumes after the last completed stage with the same numbers (same device
 and thread count): each stage draws its randomness from generators seeded by the stage. § refers to docs/method.md.
 """
 import copy
-import hashlib
 import itertools
 import os
 import time
@@ -27,7 +27,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-import checkpoint
 import config
 import data
 import dpo
@@ -37,6 +36,7 @@ import hbat
 import memory
 import parallel
 import ppo
+import prepare
 import reward
 import rundir
 from config import die
@@ -169,15 +169,11 @@ def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, f
 # one stage: its batches and its loss
 
 
-def stage_seed(seed, *parts):
-    return int(hashlib.sha256(repr((seed,) + parts).encode()).hexdigest()[:8], 16)
-
-
 def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log):
     """Build the batches and the loss of one stage of hbat.py, then optimize. Returns (mean metrics, steps, the
     examples it trained on: demonstrations, pairs or prompts, repeats over epochs counted, over all ranks)."""
     ifa, hpa = (data.shard_of(subsets[kind][stage.subset], rt.rank, rt.world) for kind in ("ifa", "hpa"))
-    seed = stage_seed(args.seed, stage.name, stage.kind)
+    seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
     torch.manual_seed(seed)
     local = args.batch_size // rt.world
     fit = dict(rt=rt, warmup=args.warmup, grad_clip=args.grad_clip, ewc=ewc, log=log)
@@ -326,118 +322,12 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
 
 
 # -----------------------------------------------------------------------------
-# the task, the base model and PPO's reward model
-
-
-def load_task(args, rt):
-    """(tokenizer, tokenised D_IFA, tokenised D_HPA, held-out test records, the embedded world or None for real data
-    (its gold judge scores answers), the world's unlabeled corpus or None)."""
-    if args.ifa_data:
-        tok, ifa, hpa, test = data.load_real_task(args.model, args.tokenizer, args.ifa_data, args.hpa_data,
-                                                  args.test_data, args.n_test)
-        world, corpus = None, None
-    else:
-        world = data.make_world(seed=args.world_seed, n_ifa=args.n_ifa, n_hpa=args.n_hpa, n_test=args.n_test,
-                                alignment_tax=args.alignment_tax, ifa_styled_fraction=args.ifa_styled)
-        ifa, hpa, test, corpus = world.ifa, world.hpa, world.test, world.corpus
-        if rt.rank == 0:  # rank 0 trains and caches the tokenizer, then every rank reads the cache
-            data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)
-        parallel.barrier(rt)
-        tok = data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)
-    return (tok, data.tokenize_ifa(ifa, tok, args.max_seq_len), data.tokenize_hpa(hpa, tok, args.max_seq_len), test,
-            world, corpus)
-
-
-def tiny_model_args(args, vocab_size):
-    return ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                     vocab_size=vocab_size, multiple_of=16, max_seq_len=args.max_seq_len)
-
-
-def tiny_base(args, rt, tok, corpus, log):
-    """The base model of the embedded world (without --model): a tiny LLaMA pretrained once on the world's
-    unlabeled corpus (next-token loss on packed windows), cached under --cache-dir keyed by everything it depends
-    on. On the CPU under FSDP (every copy a run makes is placed from it), else on the device."""
-    margs = tiny_model_args(args, tok.vocab_size)
-    stream = torch.tensor([t for text in corpus for t in [tok.bos_id] + tok.encode(text) + [tok.eos_id]])
-    block = min(64, args.max_seq_len)
-    key = hashlib.sha256(repr((vars(margs), args.pretrain_steps, args.pretrain_batch, block, args.world_seed,
-                               stream.sum().item(), len(stream))).encode()).hexdigest()[:16]
-    path = os.path.join(args.cache_dir, f"base-{key}.pt")
-    if not os.path.exists(path):
-        torch.manual_seed(args.world_seed)
-        model = parallel.place(rt, Transformer(margs))
-        g = torch.Generator().manual_seed(args.world_seed)
-
-        def windows():  # the same global batches whatever the world size: each rank takes its rows of them
-            for _ in range(args.pretrain_steps):
-                starts = torch.randint(len(stream) - block - 1, (args.pretrain_batch,), generator=g)[rt.rank::rt.world]
-                yield (list(torch.stack([stream[s:s + block + 1] for s in starts.tolist()]).to(rt.device)
-                            .chunk(args.grad_accum)), [1 / args.grad_accum] * args.grad_accum)
-
-        m, _ = optimize(model, dpo.lm_step_loss, windows(), args.pretrain_steps, 1e-3, "pretrain", rt, args.warmup,
-                        args.grad_clip, log=lambda step, m: log({"schedule": "base", "stage": "pretrain",
-                                                                 "stage_index": 0, "step": step, **m}))
-        state = parallel.full_state(rt, model)
-        if rt.rank == 0:
-            tqdm.write(f"pretrained the tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                       f"params, final loss {m['loss']:.3f}, cached at {path}")
-            checkpoint.save(asdict(margs), state, path)
-        parallel.barrier(rt)
-    return Transformer.from_pretrained(path).to("cpu" if rt.fsdp else rt.device)
-
-
-def sft_model(args, rt, base, ifa_ex, tok, log):
-    """What PPO's reward model starts from (§1): the SFT model, that is two-stage's IFA stage (the same seed, so
-    the same model as two-stage's), trained once per run and kept in OUT/sft.pt."""
-    path = os.path.join(args.out, "sft.pt")
-    if not os.path.exists(path):
-        model = parallel.place(rt, copy.deepcopy(base))
-        run_stage(args, rt, hbat.two_stage(args.epochs_ifa, args.epochs_hpa)[0], model, None,
-                  {"ifa": data.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
-                  lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}))
-        state = parallel.full_state(rt, model)
-        if rt.rank == 0:
-            checkpoint.save(asdict(base.args), state, path)
-        parallel.barrier(rt)
-    return Transformer.from_pretrained(path).to("cpu" if rt.fsdp else rt.device)
-
-
-def train_reward_model(args, rt, sft, hpa_ex, log):
-    """§1: the reward model is trained once on D_HPA from the SFT model (Bradley–Terry, scalar head at the last
-    response token) and kept fixed; PPO then uses only D_HPA's prompts. A tenth of the pairs is held out to
-    measure its accuracy."""
-    path = os.path.join(args.out, "reward_model.pt")
-    n_val = max(1, len(hpa_ex) // 10)
-    train_ex, val_ex = hpa_ex[:-n_val], hpa_ex[-n_val:]
-    if not os.path.exists(path):
-        torch.manual_seed(stage_seed(args.seed, "rm"))
-        rm = parallel.place(rt, reward.RewardModel(copy.deepcopy(sft)))
-        local, batch = data.shard_of(train_ex, rt.rank, rt.world), args.batch_size // rt.world
-        optimize(rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
-                 data.batches_of(local, batch, args.rm_epochs, stage_seed(args.seed, "rm"), data.hpa_batch,
-                                 args.grad_accum, rt.device),
-                 data.n_batches(len(local), batch, args.rm_epochs), args.lr_ifa, "reward model", rt, args.warmup,
-                 args.grad_clip,
-                 log=lambda step, m: log({"schedule": "reward", "stage": "RM", "stage_index": 0, "step": step, **m}))
-        reward.set_offset(rm, train_ex, args.batch_size, rt.device)
-        state = parallel.full_state(rt, rm)
-        if rt.rank == 0:
-            checkpoint.save(asdict(rm.args), state, path)
-        parallel.barrier(rt)
-    rm = parallel.place(rt, reward.RewardModel.from_pretrained(path)).eval().requires_grad_(False)
-    acc = reward.pairwise_accuracy(rm, val_ex, args.batch_size, rt.device)
-    if rt.rank == 0:
-        tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")
-    return rm, acc
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     args = config.get_args(argv)
     if args.dry_run:  # memory per GPU on paper (memory.py) for this run's model, algorithm, batch and dtype
-        margs = ModelArgs(**memory.read_params(args.model)) if args.model else tiny_model_args(args, 128)
+        margs = ModelArgs(**memory.read_params(args.model)) if args.model else prepare.tiny_model_args(args, 128)
         return memory.dry_run(margs, args.algo, args.gpus, max(1, args.batch_size // (args.gpus * args.grad_accum)),
                               args.max_seq_len, args.dtype != "fp32", args.live_ref, args.gpu_gb)
     rt = parallel.setup(args.device, args.dtype, args.fsdp, args.compile, args.activation_checkpointing)
@@ -446,7 +336,7 @@ def main(argv=None):
     log = rundir.MetricsLog(args.out, rt.rank)
     t_start = time.time()
     try:
-        tok, ifa_ex, hpa_ex, test, world, corpus = load_task(args, rt)
+        tok, ifa_ex, hpa_ex, test, world, corpus = prepare.load_task(args, rt)
         judge = evaluate.load_judge(args.judge, tok, args.max_seq_len, rt.device) if args.judge else None
         base = Transformer.from_pretrained(args.model) if args.model else None  # a bad file is one line too
     except (OSError, ValueError) as e:  # data.DataError is a ValueError
@@ -455,12 +345,15 @@ def main(argv=None):
     log.keep_only(rundir.completed_stages(args.out, args.schedules))
     if rt.rank == 0:
         rundir.write_tokenizer(args.out, tok)
-    base = base.to("cpu" if rt.fsdp else rt.device) if base else tiny_base(args, rt, tok, corpus, log.write)
+    base = base.to("cpu" if rt.fsdp else rt.device) if base else prepare.tiny_base(args, rt, tok, corpus, log.write, optimize)
     if tok.vocab_size > base.args.vocab_size:
         die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
             f"--tokenizer does not belong to --model")
-    rm, rm_acc = (train_reward_model(args, rt, sft_model(args, rt, base, ifa_ex, tok, log.write), hpa_ex, log.write)
-                  if args.algo == "ppo" else (None, None))
+    if args.algo == "ppo":  # one reward model for every schedule, trained from the SFT model
+        sft = prepare.sft_model(args, rt, base, ifa_ex, tok, log.write, run_stage)
+        rm, rm_acc = prepare.train_reward_model(args, rt, sft, hpa_ex, log.write, optimize)
+    else:
+        rm, rm_acc = None, None
     results = {"algo": args.algo, "config": config.run_config(args), "reward_model_accuracy": rm_acc,
                "schedules": {}, "win_rates": {}}
     answers = {}
