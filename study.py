@@ -99,6 +99,33 @@ def interval(xs):
     return f"{statistics.mean(xs) - half:.2f} to {statistics.mean(xs) + half:.2f}"
 
 
+def total_weights(res, schedule="hbat"):
+    """The penalty's strength in a run: Σ_n F_n (results.json's ewc_total_weight) averaged over the schedule's
+    penalised HPA stages and over its penalised IFA stages."""
+    stages = [st for st in res["schedules"][schedule]["stages"] if "ewc_total_weight" in st]
+    return {f"weight_{kind}": statistics.mean(st["ewc_total_weight"] for st in stages if st["kind"] == kind)
+            for kind in ("hpa", "ifa") if any(st["kind"] == kind for st in stages)}
+
+
+def strength_table(rows, c):
+    """Each protection method (a row) at each multiplier of its strength (a column): the mean win rate against
+    two-stage over seeds, its best multiplier in bold; and Σ_n F_n at x1 in HPA and IFA stages."""
+    lines = ["| method | " + " | ".join(f"x{x:g}" for x in MULTIPLIERS) + " | seeds | Σ F at x1, HPA / IFA stages |",
+             "|---|" + "---|" * (len(MULTIPLIERS) + 2)]
+    for method in METHODS:
+        keys = [f"c={c} hbat" if (method, x) == ("modified", 1) else f"c={c} hbat {method}x{x:g}" for x in MULTIPLIERS]
+        wins = [[w for _, w in rows.get(k, []) if w is not None] for k in keys]
+        means = [statistics.mean(w) if w else None for w in wins]
+        best = max((m for m in means if m is not None), default=None)
+        cells = ["-" if m is None else f"**{m:.3f}**" if m == best else f"{m:.3f}" for m in means]
+        at1 = [m for m, _ in rows.get(keys[MULTIPLIERS.index(1)], [])]
+        weight = " / ".join(f"{statistics.mean(m[k] for m in at1):.2f}" if at1 and all(k in m for m in at1)
+                            else "-" for k in ("weight_hpa", "weight_ifa"))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {min(map(len, wins))}-{max(map(len, wins))} | "
+                     f"{weight} |")
+    return "\n".join(lines)
+
+
 def summarise(rows):
     """rows: {setting: [(metrics, win rate vs two-stage), one per seed]} -> markdown table."""
     lines = ["| setting | seeds | IFA score | HPA score | styled | no EOS | win rate vs two-stage | its 95% CI |",
@@ -151,7 +178,7 @@ def main():
             main_runs[(c, seed)] = out
             for name, r in res["schedules"].items():
                 win = res["win_rates"].get(f"{name}_vs_two-stage")
-                table.setdefault(f"c={c} {name}", []).append((r["metrics"], win))
+                table.setdefault(f"c={c} {name}", []).append((r["metrics"] | total_weights(res, name), win))
             sft = res["schedules"]["two-stage"]["stages"][0]
             table.setdefault(f"c={c} SFT only (after IFA)", []).append((sft.get("eval", {}), None))
     if args.only in ("ablations", "all"):
@@ -170,13 +197,17 @@ def main():
                 test = responses(main_runs[(c, seed)], "two-stage")
                 win = world.win_rate(test, [r["response"] for r in responses(out, "hbat")],
                                      [r["response"] for r in test])
-                table.setdefault(f"c={c} hbat {name}", []).append((res["schedules"]["hbat"]["metrics"], win))
+                table.setdefault(f"c={c} hbat {name}", []).append((res["schedules"]["hbat"]["metrics"]
+                                                                   | total_weights(res), win))
     if args.dry:
         return
+    report = summarise(table)
+    if args.ablations and "strengths" in args.ablations:
+        report += "\n\n" + strength_table(table, args.taxes[0])
     with open(os.path.join(root, "STUDY.md"), "w") as f:
         f.write(f"# Study: {args.algo}, world {args.world_seed}, --ifa-styled {args.ifa_styled}, "
-                f"seeds {args.seeds}\n\n{summarise(table)}\n")
-    print(summarise(table))
+                f"seeds {args.seeds}\n\n{report}\n")
+    print(report)
     plot(root, main_runs, table, args.taxes[0])
 
 
