@@ -123,6 +123,3 @@ def train_reward_model(args, rt, sft, hpa_ex, log, optimize):
     if rt.rank == 0:
         tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")
     return rm, acc
-
-
-#

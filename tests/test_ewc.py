@@ -292,3 +292,14 @@ def test_state_dict_round_trip(tmp_path, method, elementwise):
     assert resumed.weights.keys() == ewc.weights.keys()
     for n, w in ewc.weights.items():
         assert torch.equal(torch.as_tensor(resumed.weights[n]), torch.as_tensor(w))
+
+
+def test_uniform_spreads_the_modified_total_weight_equally():
+    """--ewc uniform, the control: IFA_1 moves 0.weight by 1 and 2.weight by 0.5, so modified's HPA_1 weights with
+    F_max 2 are (2, 0, 0.5, 0) (Σ 2.5); uniform gives every tensor 2.5 / 4 = 0.625, the same total weight."""
+    for method, want in (("modified", {"0.weight": 2.0, "0.bias": 0.0, "2.weight": 0.5, "2.bias": 0.0}),
+                         ("uniform", dict.fromkeys(("0.weight", "0.bias", "2.weight", "2.bias"), 0.625))):
+        model, ewc = tiny_model(), EWC(method, f_max=2.0)
+        run_stage(ewc, "ifa", model, {"0.weight": 1.0, "2.weight": 0.5})
+        ewc.begin_stage("hpa", model)
+        assert ewc.weights == pytest.approx(want) and ewc.total_weight == pytest.approx(2.5)
