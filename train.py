@@ -171,7 +171,8 @@ def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, f
 
 def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log):
     """Build the batches and the loss of one stage of hbat.py, then optimize. Returns (mean metrics, steps, the
-    examples it trained on: demonstrations, pairs or prompts, repeats over epochs counted, over all ranks)."""
+    examples it trained on: demonstrations, pairs or prompts, repeats over epochs counted, over all ranks; a
+    multi-task stage counts both)."""
     ifa, hpa = (data.shard_of(subsets[kind][stage.subset], rt.rank, rt.world) for kind in ("ifa", "hpa"))
     seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
     torch.manual_seed(seed)
@@ -230,7 +231,7 @@ def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log)
 
     m, steps = optimize(model, multi_loss, pairs(), data.n_batches(len(ifa), local, stage.epochs), args.lr_ifa,
                         stage.name, **fit)
-    return m, steps, dict(seen)
+    return m, steps, seen["ifa"] + seen["hpa"]
 
 
 # -----------------------------------------------------------------------------
