@@ -90,9 +90,11 @@ def load_schedule(out, name, map_location):
 
 
 def completed_stages(out, names):
-    """{schedule: how many of its stages its checkpoint holds} (0 without one)."""
-    return {name: len(ckpt["history"]) if ckpt else 0
-            for name, ckpt in ((n, load_schedule(out, n, "cpu")) for n in names)}
+    """{schedule: how many of its stages its checkpoint holds} (0 without one). Memory-mapped: only the history is
+    read, not the weights."""
+    paths = {name: schedule_path(out, name) for name in names}
+    return {name: len(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["history"])
+            if os.path.exists(p) else 0 for name, p in paths.items()}
 
 
 def save_schedule(out, name, model_args, state, ewc_state, history, steps, critic_state=None):
