@@ -18,7 +18,6 @@ import io
 import itertools
 import json
 import os
-import random
 import warnings
 import zlib
 from pathlib import Path
@@ -406,7 +405,13 @@ def pair_values(fn, examples, batch_size, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A stage's batches
+# A stage's data: rank shards, shuffled batches, micro-batches (the N-way split is hbat.split)
+
+def shard_of(examples, rank, world):
+    """This rank's share of a stage's examples, the same number on every rank (FSDP's gathers need every rank to
+    run as many forward passes): every world-th example from the rank's index on."""
+    return examples[:len(examples) - len(examples) % world][rank::world]
+
 
 def shuffled(n, batch_size, epochs, seed):
     """For `epochs` seeded shuffles of range(n), the batches of indices, the last of each epoch smaller when
@@ -424,45 +429,22 @@ def batch_sizes(n, batch_size):
 
 
 def n_batches(n, batch_size, epochs):
-    """How many batches `shuffled` yields: epochs · ⌈n / batch_size⌉."""
     return epochs * len(batch_sizes(n, batch_size))
 
 
 def micro_split(n, n_micro):
-    """The sizes of n_micro micro-batches of a batch of n (at most n of them, the first ones larger by one when
-    n_micro does not divide n): 10, 4 -> [3, 3, 2, 2]; 2, 4 -> [1, 1]."""
+    """Sizes of n_micro near-equal parts of n (at most n parts): 10, 4 -> [3, 3, 2, 2]; 2, 4 -> [1, 1]."""
     q, r = divmod(n, n_micro)
     return [q + (i < r) for i in range(min(n, n_micro))]
 
 
 def batches_of(examples, batch_size, epochs, seed, collate, n_micro, device):
     """`shuffled` batches of examples (this rank's shard of a stage's data), each as (micros, shares): at most
-    n_micro micro-batches (indices, *collate(examples)) on device, of the sizes `micro_split` gives, and each one's
-    share of the batch's examples (what its loss weighs in the step, so that a ragged batch is still an average over
-    its examples). Micro-batches are collated separately: a DPO micro-batch keeps each chosen row with its rejected
-    row."""
+    n_micro micro-batches (indices, *collate(examples)) on device, of `micro_split`'s sizes, and each one's share of
+    the batch's examples, what its loss weighs in the step (a ragged batch is still an average over its examples).
+    Micro-batches are collated apart: a DPO micro-batch keeps each chosen row with its rejected row."""
     for idx in shuffled(len(examples), batch_size, epochs, seed):
         sizes = micro_split(len(idx), n_micro)
         cuts = [0, *itertools.accumulate(sizes)]
         yield ([(torch.tensor(idx[a:b]),) + tuple(t.to(device) for t in collate([examples[i] for i in idx[a:b]]))
                 for a, b in zip(cuts, cuts[1:])], [k / len(idx) for k in sizes])
-
-
-def shard_of(examples, rank, world):
-    """This rank's share of a stage's examples, the same number on every rank (FSDP's gathers need every rank to
-    run as many forward passes): every world-th example from the rank's index on."""
-    return examples[:len(examples) - len(examples) % world][rank::world]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Splitting (docs/method.md §2.2)
-
-def split(items, n, seed):
-    """N disjoint seeded random subsets that together hold every item: sizes differ by at most one, the first
-    len(items) % n subsets one larger (10 items, N = 4 -> 3, 3, 2, 2)."""
-    if not 1 <= n <= len(items):
-        raise ValueError(f"cannot split {len(items)} records into {n} subsets (need 1 <= N <= number of records)")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    cuts = [0, *itertools.accumulate(micro_split(len(items), n))]
-    return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]

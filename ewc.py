@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 METHODS = ("modified", "uniform", "original", "none", "freeze", "random")
-# F_max of HPA stages (protecting what IFA learned) and of IFA stages (protecting what HPA learned): the defaults the
-# study chose (docs/results.md); the release sweeps the first and uses 100 for the second
+# F_max of HPA stages and of IFA stages, as the study chose them (docs/results.md); the release uses 100 for IFA's
 F_MAX, F_MAX_IFA = 1.0, 10.0
 
 

@@ -11,8 +11,10 @@ the lists below is reading the paper's Figure 1:
 
 "Hbat without EWC" (alternation alone) is `hbat` with `--ewc none`; the other EWC variants (original, freeze,
 random) come through `--ewc` too, since they change how a stage is protected, not the order of the stages.
+`split` cuts D_IFA and D_HPA into the N subsets (§2.2 step 1); `stage_seed` seeds each stage's randomness.
 """
 import hashlib
+import random
 from dataclasses import dataclass
 
 SCHEDULES = ("two-stage", "hbat", "multi-task")
@@ -46,6 +48,18 @@ def multi_task(e_ifa: int, e_hpa: int) -> list[Stage]:
     """§2.4: one stage over both datasets; `epochs` counts passes over D_IFA, the HPA batches are spread over the
     same steps so that each pair is seen e_hpa times (the data and compute of the other schedules)."""
     return [Stage("MT", "multi", 0, e_ifa, ewc=False)]
+
+
+def split(items: list, n: int, seed: int) -> list[list]:
+    """§2.2 step 1: N disjoint seeded random subsets that together hold every item; sizes differ by at most one,
+    the first len(items) % n subsets one larger (10 items, N = 4 -> 3, 3, 2, 2)."""
+    if not 1 <= n <= len(items):
+        raise ValueError(f"cannot split {len(items)} records into {n} subsets (need 1 <= N <= number of records)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    q, r = divmod(len(items), n)
+    cuts = [k * q + min(k, r) for k in range(n + 1)]
+    return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
 
 
 def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool) -> tuple[list[Stage], int]:

@@ -87,7 +87,7 @@ def sft_model(args, rt, base, ifa_ex, tok, log, run_stage):
     if not os.path.exists(path):
         model = parallel.place(rt, copy.deepcopy(base))
         run_stage(args, rt, hbat.two_stage(args.epochs_ifa, args.epochs_hpa)[0], model, None,
-                  {"ifa": data.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
+                  {"ifa": hbat.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
                   lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}))
         state = parallel.full_state(rt, model)
         if rt.rank == 0:

@@ -249,7 +249,7 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
     (metrics, rows) of the last stage's evaluation, or None when every stage had been run before)."""
     tok, ifa_ex, hpa_ex, test, world = task
     stages, n = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, use_ewc=args.ewc != "none")
-    subsets = {"ifa": data.split(ifa_ex, n, args.seed), "hpa": data.split(hpa_ex, n, args.seed)}
+    subsets = {"ifa": hbat.split(ifa_ex, n, args.seed), "hpa": hbat.split(hpa_ex, n, args.seed)}
     ewc = ewc_lib.EWC(method=args.ewc, f_max=args.f_max, f_max_ifa=args.f_max_ifa, lam=args.ewc_lambda,
                       norm=args.ewc_norm, scale=args.ewc_scale, elementwise=args.ewc_elementwise,
                       seed=args.seed) if name == "hbat" else None

@@ -10,6 +10,7 @@ import sentencepiece as spm
 import torch
 
 import data
+import hbat
 import world
 from data import DataError, DataWarning
 
@@ -170,12 +171,12 @@ def test_truncation_keeps_the_prompt_end_and_reports_once(tok):
 
 def test_split_is_seeded_disjoint_and_keeps_every_item():
     items = list(range(103))
-    parts = data.split(items, 4, seed=7)
-    assert parts == data.split(items, 4, seed=7) and parts != data.split(items, 4, seed=8)
+    parts = hbat.split(items, 4, seed=7)
+    assert parts == hbat.split(items, 4, seed=7) and parts != hbat.split(items, 4, seed=8)
     assert [len(p) for p in parts] == [26, 26, 26, 25]  # the 3 left over by 103 // 4 go to the first subsets
     assert sorted(x for p in parts for x in p) == items
-    assert data.split(items, 1, seed=0)[0] != items and sorted(data.split(items, 1, seed=0)[0]) == items
-    assert [len(p) for p in data.split(list(range(100)), 4, seed=7)] == [25] * 4
+    assert hbat.split(items, 1, seed=0)[0] != items and sorted(hbat.split(items, 1, seed=0)[0]) == items
+    assert [len(p) for p in hbat.split(list(range(100)), 4, seed=7)] == [25] * 4
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
@@ -185,7 +186,7 @@ def test_every_schedule_sees_every_example_as_often(n):
     that sum to 1 and are proportional to their sizes."""
     examples = [([1, i], [i, 2]) for i in range(103)]
     used = []
-    for subset in data.split(examples, n, seed=0):
+    for subset in hbat.split(examples, n, seed=0):
         batches = list(data.batches_of(subset, 8, 2, seed=n, collate=data.ifa_batch, n_micro=3, device="cpu"))
         assert len(batches) == data.n_batches(len(subset), 8, 2)
         for micros, shares in batches:
@@ -203,7 +204,7 @@ def test_batch_and_micro_batch_sizes():
 @pytest.mark.parametrize("n", [0, -1, 4])
 def test_split_rejects_bad_n(n):
     with pytest.raises(ValueError, match="cannot split 3 records"):
-        data.split([1, 2, 3], n, seed=0)
+        hbat.split([1, 2, 3], n, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
