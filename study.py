@@ -33,7 +33,9 @@ ABLATIONS = (
     + [(f"ewc={e}", ["--ewc", e]) for e in ("none", "original", "freeze", "random")]
     + [("norm=softmax(s=1e10)", ["--ewc-norm", "softmax", "--ewc-scale", "1e10"]),
        ("elementwise", ["--ewc-elementwise"])]
+    + [("critic-restart", ["--critic-restart"])]                                     # PPO only: a fresh critic per stage
 )
+PPO_ONLY = {"critic-restart"}
 # The protection methods each at its own best strength: the same grid of multipliers of each method's strength knob
 # (F_max and F_max_ifa together; λ for original EWC, whose penalty is linear in it), hbat only, as ablations named
 # "<method>x<multiplier>". uniform is the control: modified's total weight Σ_n F_n spread equally over the tensors.
@@ -187,7 +189,7 @@ def main():
         for name, flags in ABLATIONS:
             wanted = (name in args.ablations or ("strengths" in args.ablations and name in grid)) if args.ablations \
                 else name not in grid
-            if not wanted:
+            if not wanted or (name in PPO_ONLY and args.algo != "ppo"):
                 continue
             for seed in args.seeds:
                 out = f"{root}/abl_{name.replace('=', '').replace('(', '').replace(')', '')}_c{c}_s{seed}"
