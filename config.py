@@ -110,7 +110,13 @@ def get_args(argv=None):
     a("--ipo", action="store_true", help="IPO loss instead of DPO")
     a("--live-ref", action="store_true", help="keep a live reference model instead of cached log-probs")
     # PPO (§4.2)
-    a("--kl-coef", type=float, default=0.2, help="PPO: weight of the per-token KL penalty to the reference")
+    a("--ppo-variant", choices=["textbook", "release"], default="textbook", help="PPO: textbook PPO with a critic "
+      "(§4.2), or the paper's release's critic-free variant (§4.3): decayed sequence reward, queue whitening, "
+      "positive-advantage tokens only, one epoch")
+    a("--release-absolute-positions", action="store_true", help="--ppo-variant release: decay the score by the "
+      "position in the left-padded prompt + response, as the release does (default: from the response's start)")
+    a("--kl-coef", type=float, help="PPO: weight of the per-token KL penalty to the reference (default 0.2; the "
+      "release's variant: 0.1)")
     a("--rm-epochs", type=int, help="preset: reward-model epochs over D_HPA")
     a("--critic-restart", action="store_true", help="PPO: a fresh critic (a copy of the reward model) at every HPA "
       "stage instead of one carried across a schedule's HPA stages")
@@ -134,6 +140,11 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.ifa_styled is not None and args.ifa_data:
         p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
+    release = args.ppo_variant == "release"
+    if args.kl_coef is None:
+        args.kl_coef = 0.1 if release else 0.2
+    if release and args.ppo_epochs is None:
+        args.ppo_epochs = 1  # the release: one pass over each rollout
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, PPO_OVERRIDES.get(k, v) if args.algo == "ppo" and args.preset == "default" else v)
@@ -161,6 +172,12 @@ def check_args(args, p):
         p.error(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.ipo and args.label_smoothing:
         p.error("--label-smoothing applies to DPO only, not with --ipo")
+    if args.algo != "ppo" and (args.ppo_variant != "textbook" or args.release_absolute_positions):
+        p.error("--ppo-variant and --release-absolute-positions apply to --algo ppo")
+    if args.ppo_variant == "release" and args.critic_restart:
+        p.error("--critic-restart applies to textbook PPO: --ppo-variant release has no critic")
+    if args.release_absolute_positions and args.ppo_variant != "release":
+        p.error("--release-absolute-positions applies to --ppo-variant release")
     if args.algo == "ppo" and "multi-task" in schedules:
         p.error("--schedule multi-task needs an offline HPA loss: use it with --algo dpo")
     if bool(args.ifa_data) != bool(args.hpa_data):

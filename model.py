@@ -76,12 +76,17 @@ def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor:
     return ((causal & pad_mask[:, None, :]) | itself)[:, None]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
+                top_k: int = 0) -> torch.Tensor:
     """logits (B, V) -> token ids (B,): argmax at temperature 0, else a draw from the nucleus, the most likely
-    tokens whose mass before each is <= top_p (so the top token always stays; top_p = 1 keeps all)."""
+    tokens whose mass before each is <= top_p (so the top token always stays; top_p = 1 keeps all), among the
+    top_k likeliest (0: all). As in Hugging Face's sampling, top-k cuts first and top-p sees the renormalised rest."""
     if temperature == 0:
         return logits.argmax(-1)
     p_sorted, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
+    if 0 < top_k < p_sorted.shape[-1]:
+        p_sorted[:, top_k:] = 0
+        p_sorted /= p_sorted.sum(-1, keepdim=True)
     if top_p < 1.0:  # (at 1, rounding in cumsum could still drop the tail)
         p_sorted[p_sorted.cumsum(-1) - p_sorted > top_p] = 0  # multinomial renormalises what is left
     return order.gather(-1, torch.multinomial(p_sorted, 1, generator=generator)).squeeze(-1)
@@ -240,10 +245,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_id: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+                 eos_id: int | None = None, generator: torch.Generator | None = None,
+                 top_k: int = 0) -> list[list[int]]:
         """Continue each prompt; return only the new tokens per prompt, each list ending at eos_id (included) if it
-        was emitted. Greedy at temperature 0, nucleus sampling otherwise (pass a seeded torch.Generator on the
-        weights' device to reproduce a draw). Prompts are left-padded into one batch and decoded with a key/value
+        was emitted. Greedy at temperature 0, nucleus (and top-k) sampling otherwise (pass a seeded torch.Generator
+        on the weights' device to reproduce a draw). Prompts are left-padded into one batch and decoded with a key/value
         cache preallocated for prompt + new tokens; the total never exceeds max_seq_len, as in Meta's generation."""
         if not prompts or min(map(len, prompts)) == 0:
             raise ValueError("generate needs at least one prompt, each of at least one token (e.g. bos)")
@@ -269,7 +275,7 @@ class Transformer(nn.Module):
             h = self._trunk(tokens, cos[:, :Tp], sin[:, :Tp], attention_mask(key_valid[:, :Tp]), caches, 0)
             new, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
             for t in range(Tp, S):  # token t is sampled from the hidden state of token t - 1
-                nxt = sample_next(self.output(h[:, -1]), temperature, top_p, generator)  # (B,)
+                nxt = sample_next(self.output(h[:, -1]), temperature, top_p, generator, top_k)  # (B,)
                 new.append(nxt)
                 if eos_id is not None:
                     done |= nxt == eos_id

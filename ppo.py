@@ -1,22 +1,20 @@
-"""PPO for the HPA stages: textbook RLHF PPO (docs/method.md §4.2), every detail visible.
+"""PPO for the HPA stages, every detail visible: textbook RLHF PPO (docs/method.md §4.2) and, with
+`--ppo-variant release`, the paper's release's critic-free variant (§4.3), which produced the paper's PPO numbers.
 
 One PPO iteration, as train.py runs it (the loop owns the optimizer, LR schedule, EWC penalty, clipping, DDP):
 
     ro, metrics = rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator)
     for epoch in range(cfg.epochs):
         for mb in minibatches(ro, cfg.minibatch_size, generator):
-            loss, mb_metrics = ppo_loss(policy, critic, mb, cfg)   # + EWC, backward, clip, step
+            loss, mb_metrics = ppo_loss(policy, critic, mb, cfg)   # release: release_loss(policy, mb)
             ...stop the update when mb_metrics["approx_kl"] > cfg.target_kl
     if cfg.adaptive_kl:  # kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), made once
         cfg.kl_coef = kl_ctl.update(metrics["kl"], len(prompts))
 
-Run it with `python train.py --algo ppo`. The critic is a trainable copy of the reward model (`make_critic` says
-why); the reference is the frozen model at the start of the stage (§2.3).
-
-What it simplifies: one sampled response per prompt; the KL penalty uses the sampled tokens' log-probs (the exact
-full-vocabulary KL is only reported, at the cost of one more forward pass per model); no reward whitening. The
-paper's release ran a critic-free, REINFORCE-like variant instead (sequence reward decayed by 0.95 per position);
-this file is the standard PPO of Ziegler et al. 2019 / Stiennon et al. 2020 / Ouyang et al. 2022.
+The textbook critic is a trainable copy of the reward model (`make_critic` says why); the reference is the frozen
+model at the start of the stage (§2.3). Textbook PPO here is that of Ziegler et al. 2019 / Stiennon et al. 2020 /
+Ouyang et al. 2022, simplified: one sampled response per prompt; the KL penalty uses the sampled tokens' log-probs
+(the exact full-vocabulary KL is only reported); no reward whitening.
 
 Shapes: B rollout batch, Tq prompt length (left-padded), Tr response length (right-padded), V vocab, D model dim.
 """
@@ -50,6 +48,14 @@ class PPOConfig:
     # Sampling
     max_new_tokens: int = 20
     temperature: float = 1.0        # §4.2; the ratio uses π's own log-probs, so any other value would be off-policy
+    top_k: int = 0                  # 0: the whole vocabulary (textbook); the release samples with top-k 50, top-p 0.95
+    top_p: float = 1.0
+    # The release's variant (§4.3; `release_config`): no critic, a decayed sequence reward, queue whitening
+    variant: str = "textbook"       # or "release"
+    reward_gamma: float = 0.95      # γ of the release's per-position decay of the score
+    reward_clip: float = 10.0       # the release clips the RM score to [-10, 10]
+    queue_size: int = 1000          # the release whitens with the last 1000 non-zero per-token rewards
+    absolute_positions: bool = False  # True: the release's quirk, the decay counts the left-padded prompt too
     # Adaptive KL controller (Ziegler et al. 2019), run by the loop: see AdaptiveKLController
     adaptive_kl: bool = False
     kl_target: float = 6.0          # target sequence KL (nats)
@@ -60,6 +66,15 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.temperature != 1.0:  # model.token_logprobs has no temperature, so π_old would not be the sampler
             raise ValueError(f"PPO samples at temperature 1 (docs/method.md §4.2), got {self.temperature}")
+        if self.variant not in ("textbook", "release"):
+            raise ValueError(f"variant must be 'textbook' or 'release', got {self.variant!r}")
+
+
+def release_config(**overrides):
+    """The release's settings (§4.3): its sampling (top-k 50, top-p 0.95), β = 0.1, one epoch over each rollout,
+    and no EOS penalty (the release scores whatever was sampled); `overrides` as in PPOConfig."""
+    return PPOConfig(**dict(variant="release", kl_coef=0.1, epochs=1, top_k=50, top_p=0.95, eos_penalty=None)
+                     | overrides)
 
 
 class Rollout(NamedTuple):
@@ -207,6 +222,65 @@ def explained_variance(values, returns, mask):
     return (1 - masked_var(returns - values, mask) / masked_var(returns, mask)).item()
 
 
+# --- the release's variant (§4.3): no critic, a decayed sequence reward, a one-sided REINFORCE-like update ------
+
+def release_token_rewards(scores, logprobs, ref_logprobs, masks, kl_coef, gamma, offset=0):
+    """The release's per-token pseudo reward (§4.3) on response token j, 0 after the response:
+
+        R_j = r·γ^(offset + j + 1) − kl_coef·max(0, log π_old(a_j) − log π_ref(a_j))
+
+    scores (B,): r, the RM score, already clipped; logprobs, ref_logprobs, masks (B, Tr), masks right-padded.
+    offset = 0 counts j from the response's first token (our default). offset = Tq − 1 is the release as written:
+    its position is the log-prob's column in the left-padded prompt + response, so the same answer is rewarded
+    less the longer its batch's padded prompt (§4.3, "the position quirk").
+    Example: r = 2, γ = 0.5, offset 0, log π_old − log π_ref = [0.4, −0.3, 0], masks [T, T, F], kl_coef = 0.1:
+    R = [2·0.5 − 0.1·0.4, 2·0.25 − 0, 0] = [0.96, 0.5, 0].
+    """
+    decay = gamma ** (offset + 1 + torch.arange(masks.shape[1], device=masks.device, dtype=logprobs.dtype))
+    kl = (logprobs - ref_logprobs).clamp(min=0)
+    return (scores[:, None].to(logprobs.dtype) * decay - kl_coef * kl) * masks
+
+
+def whiten_with_queue(rewards, masks, queue, size):
+    """The release's whitening (§4.3): append the batch's non-zero rewards on response tokens to the FIFO `queue`
+    (1-D, oldest first; only its last `size` values are kept), then (R − mean) / (std + 1e-8) with the mean and
+    population std of the updated queue. rewards, masks (B, Tr). Returns (whitened (B, Tr), 0 on padding; the new
+    queue). The first batch of a stage is whitened by its own rewards (train.py starts each stage with an empty queue).
+    Example, size 3: queue [1], R = [[2, 3]] → queue [1, 2, 3], mean 2, std √(2/3) → [[0, 1.2247]].
+    """
+    new = rewards[masks.bool() & (rewards != 0)].detach().float()
+    queue = torch.cat([queue.to(new.device, torch.float32), new])[-size:]
+    mean, std = queue.mean(), queue.std(correction=0)
+    return ((rewards - mean) / (std + 1e-8) * masks).to(rewards.dtype), queue
+
+
+def release_policy_loss(logprobs, advantages, mask):
+    """The release's actor loss (§4.3), as released: the masked mean over response tokens of
+
+        max(−A·log π(a), −A·clamp(log π(a), 0.8, 1.2))
+
+    logprobs (B, T) of the current policy (with gradient), advantages (B, T) = the whitened R, mask (B, T); returns
+    a scalar. The release clips `log π` where PPO clips the ratio π/π_old. Since log π ≤ 0, the clamp is always 0.8,
+    a constant: a token with A > 0 contributes −A·log π, a REINFORCE gradient −A·∇log π, and a token with A < 0
+    contributes the constant −0.8·A and no gradient at all. The update only raises tokens whose whitened reward is
+    above the queue's mean; it never lowers one. There is no ratio, so nothing keeps π near π_old but one epoch.
+    Example: log π = [−1, −2], A = [1, −1], both valid: (max(1, −0.8) + max(−2, 0.8)) / 2 = 0.9, and
+    ∂loss/∂log π = [−0.5, 0].
+    """
+    return masked_mean(torch.max(-advantages * logprobs, -advantages * logprobs.clamp(0.8, 1.2)), mask)
+
+
+class RewardQueue:
+    """The release's FIFO of recent per-token rewards (§4.3); train.py makes a new one at every stage's start."""
+
+    def __init__(self, size):
+        self.size, self.values = size, torch.zeros(0)
+
+    def whiten(self, rewards, masks):
+        whitened, self.values = whiten_with_queue(rewards, masks, self.values, self.size)
+        return whitened
+
+
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019): β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·n/horizon),
     with KL the rollout's mean sequence KL and n its number of episodes. Use: see the module docstring."""
@@ -287,21 +361,25 @@ def eval_mode(*models):
 
 
 @torch.no_grad()
-def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator=None, end_of_turn=None):
+def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator=None, end_of_turn=None,
+            queue=None):
     """One rollout batch (§4.2) for prompts (list of B id lists, each bos + prompt). Returns (Rollout, metrics).
 
     ref_model is the frozen model at the start of the stage (§2.3); critic has the reward model's interface
     (`values(tokens, pad_mask) -> (B, T)`); generator is the torch.Generator of the sampling (on the policy's device).
+    With cfg.variant "release" (§4.3) critic is None, queue is the stage's RewardQueue, and steps 4-5 are the
+    release's: decayed sequence reward minus the clamped KL, whitened by the queue, as the advantage itself.
     end_of_turn (real data): ids -> the ids before the prompt template's end-of-turn marker ("\n\nHuman:") when
     the answer wrote one, else None. Such an answer ends there, closed with EOS: the reward model was trained on
     answers that end in EOS, and the policy learns to end its turn with EOS rather than to write the next one.
     """
     device = next(policy.parameters()).device
-    with eval_mode(policy, ref_model, critic, reward_model):
+    release = cfg.variant == "release"
+    with eval_mode(*(m for m in (policy, ref_model, critic, reward_model) if m is not None)):
         # 1. Sample with the KV cache. generate cuts each row after its first EOS (EOS included), so a row without
         #    EOS is one that ran into max_new_tokens: a truncated answer.
         sampled = policy.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, eos_id=eos_id,
-                                  generator=generator)
+                                  generator=generator, top_k=cfg.top_k, top_p=cfg.top_p)
         if min(map(len, sampled)) == 0:
             raise ValueError("a prompt leaves no room for a response within max_seq_len")
         cuts = [end_of_turn(r[:-1] if r[-1] == eos_id else r) if end_of_turn else None for r in sampled]
@@ -314,13 +392,21 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
         # 3. Log-probs of the sampled tokens under π_old and π_ref, one pass each, and the critic's values.
         logprobs, entropy = response_logprobs(policy, tokens, pad_mask, masks, with_entropy=True)
         ref_logprobs = response_logprobs(ref_model, tokens, pad_mask, masks)
-        values = response_values(critic, tokens, pad_mask, masks)
-        # 4. Per-token rewards: -kl_coef·kl everywhere, + the score on the last token (§4.2).
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * masks
-        rewards = token_rewards(scores, kl, masks, cfg.kl_coef)
-        # 5. Advantages by GAE; returns before whitening are the critic's targets; whiten advantages (§4.2).
-        advantages, returns = compute_gae(rewards, values, masks, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, masks)
+        if release:  # 4-5 (§4.3): R_j = r·γ^(j+1) - β·max(0, k1), whitened by the queue, is the advantage
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+            offset = queries.shape[1] - 1 if cfg.absolute_positions else 0
+            rewards = release_token_rewards(scores, logprobs, ref_logprobs, masks, cfg.kl_coef, cfg.reward_gamma,
+                                            offset)
+            advantages = queue.whiten(rewards, masks)
+            values = returns = torch.zeros_like(rewards)  # no critic
+        else:
+            # 4. Per-token rewards: -kl_coef·kl everywhere, + the score on the last token (§4.2).
+            values = response_values(critic, tokens, pad_mask, masks)
+            rewards = token_rewards(scores, kl, masks, cfg.kl_coef)
+            # 5. Advantages by GAE; returns before whitening are the critic's targets; whiten advantages (§4.2).
+            advantages, returns = compute_gae(rewards, values, masks, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, masks)
         # 6. Diagnostics: the exact KL beside its estimate (one more forward pass of each model).
         kl_full = true_kl(policy, ref_model, tokens, pad_mask, masks)
     ro = Rollout(queries, responses, tokens, pad_mask, masks, logprobs, ref_logprobs, values, rewards, advantages,
@@ -334,9 +420,10 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
         "length": masks.sum(1).float().mean().item(),
         "eos_share": has_eos.float().mean().item(),                    # end-of-turn answers included
         "end_of_turn_share": sum(cut is not None for cut in cuts) / len(cuts),
-        "explained_variance": explained_variance(values, returns, masks),
         "kl_coef": cfg.kl_coef,
-    }
+    } | ({"positive_share": masked_mean((advantages > 0).float(), masks).item(),  # tokens that get a gradient
+          "queue_mean": queue.values.mean().item(), "queue_std": queue.values.std(correction=0).item()} if release
+         else {"explained_variance": explained_variance(values, returns, masks)})
     return ro, metrics
 
 
@@ -349,6 +436,18 @@ def minibatches(rollout, minibatch_size, generator=None):
     for i in range(0, B, minibatch_size):
         idx = order[i:i + minibatch_size].to(rollout.scores.device)
         yield Rollout(*(field[idx] for field in rollout))
+
+
+def release_loss(policy, mb):
+    """The release's loss on a minibatch (§4.3): release_policy_loss on the current policy's log-probs; no critic,
+    no entropy term. approx_kl (π_old‖π, k3) is only reported, and read by --target-kl."""
+    logprobs, entropy = response_logprobs(policy, mb.tokens, mb.pad_mask, mb.masks, with_entropy=True)
+    loss = release_policy_loss(logprobs, mb.advantages, mb.masks)
+    with torch.no_grad():
+        log_ratio = logprobs - mb.logprobs
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb.masks)
+    return loss, {"policy_loss": loss.item(), "approx_kl": approx_kl.item(),
+                  "entropy": masked_mean(entropy, mb.masks).item()}
 
 
 def ppo_loss(policy, critic, mb, cfg):

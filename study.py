@@ -6,6 +6,7 @@ The small-scale study: Hbat against two-stage over seeds, and the ablations of t
     python study.py --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
     python study.py --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base model
     python study.py --algo ppo --ifa-styled 0.1 --taxes 0.5 --only main  # 10% of demonstrations in the style
+    python study.py --algo ppo --ppo-variant release --taxes 0.5 --only main  # the PPO of the paper's release
     python study.py --algo dpo --seeds 0 1 2 3 4 --report    # tables and plots from the runs finished so far
 
 Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
@@ -33,9 +34,10 @@ ABLATIONS = (
     + [(f"ewc={e}", ["--ewc", e]) for e in ("none", "original", "freeze", "random")]
     + [("norm=softmax(s=1e10)", ["--ewc-norm", "softmax", "--ewc-scale", "1e10"]),
        ("elementwise", ["--ewc-elementwise"])]
-    + [("critic-restart", ["--critic-restart"])]                                     # PPO only: a fresh critic per stage
+    + [("critic-restart", ["--critic-restart"])]                                     # textbook PPO: a fresh critic per stage
+    + [("absolute-positions", ["--release-absolute-positions"])]                     # the release's PPO: its γ quirk
 )
-PPO_ONLY = {"critic-restart"}
+ONLY = {"critic-restart": ("ppo", "textbook"), "absolute-positions": ("ppo", "release")}  # (algo, PPO variant)
 # The protection methods each at its own best strength: the same grid of multipliers of each method's strength knob
 # (F_max and F_max_ifa together; λ for original EWC, whose penalty is linear in it), hbat only, as ablations named
 # "<method>x<multiplier>". uniform is the control: modified's total weight Σ_n F_n spread equally over the tensors.
@@ -61,6 +63,7 @@ def run(args, out, flags):
     cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset,
            "--world-seed", str(args.world_seed)]
     cmd += ["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled is not None else []
+    cmd += ["--ppo-variant", args.ppo_variant] if args.ppo_variant != "textbook" else []
     cmd += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     cmd += flags
     path = os.path.join(out, "results.json")
@@ -162,10 +165,14 @@ def main():
     p.add_argument("--ifa-styled", type=float, default=None, help="train.py --ifa-styled: share of demonstrations "
                    "written in the style (default: train.py's, 0 for dpo and 0.1 for ppo)")
     p.add_argument("--cache-dir", help="train.py --cache-dir (default: train.py's)")
+    p.add_argument("--ppo-variant", choices=["textbook", "release"], default="textbook", help="train.py --ppo-variant")
     p.add_argument("--rerun", action="store_true", help="call train.py for finished runs too (it resumes: only "
                    "their evaluation is repeated); by default their results.json is read")
     args = p.parse_args()
-    root = args.out or (f"runs/study_{args.algo}" + (f"_world{args.world_seed}" if args.world_seed else "")
+    if args.ppo_variant != "textbook" and args.algo != "ppo":
+        p.error("--ppo-variant applies to --algo ppo")
+    root = args.out or (f"runs/study_{args.algo}" + ("_release" if args.ppo_variant == "release" else "")
+                        + (f"_world{args.world_seed}" if args.world_seed else "")
                         + (f"_styled{args.ifa_styled}" if args.ifa_styled is not None else ""))
     os.makedirs(root, exist_ok=True)
     table, main_runs = {}, {}
@@ -189,7 +196,7 @@ def main():
         for name, flags in ABLATIONS:
             wanted = (name in args.ablations or ("strengths" in args.ablations and name in grid)) if args.ablations \
                 else name not in grid
-            if not wanted or (name in PPO_ONLY and args.algo != "ppo"):
+            if not wanted or ONLY.get(name, (args.algo, args.ppo_variant)) != (args.algo, args.ppo_variant):
                 continue
             for seed in args.seeds:
                 out = f"{root}/abl_{name.replace('=', '').replace('(', '').replace(')', '')}_c{c}_s{seed}"
@@ -207,7 +214,7 @@ def main():
     if args.ablations and "strengths" in args.ablations:
         report += "\n\n" + strength_table(table, args.taxes[0])
     with open(os.path.join(root, "STUDY.md"), "w") as f:
-        f.write(f"# Study: {args.algo}, world {args.world_seed}, --ifa-styled {args.ifa_styled}, "
+        f.write(f"# Study: {args.algo} ({args.ppo_variant}), world {args.world_seed}, --ifa-styled {args.ifa_styled}, "
                 f"seeds {args.seeds}\n\n{report}\n")
     print(report)
     plot(root, main_runs, table, args.taxes[0])

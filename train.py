@@ -112,22 +112,26 @@ def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip,
 def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, fresh, log):
     """§4.2, cleanrl's loop: for each batch of prompts, a rollout, then cfg.epochs x minibatches of train steps,
     stopped early when the policy moved too far (--target-kl). The KL reference is the model at the start of the
-    stage (§2.3); the critic is the schedule's (run_schedule). Returns (mean metrics, steps, prompts rolled out)."""
-    cfg = ppo.PPOConfig(kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // rt.world,
-                        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
-                        adaptive_kl=args.adaptive_kl_target is not None, kl_target=args.adaptive_kl_target or 6.0)
+    stage (§2.3); the critic is the schedule's (run_schedule), None for the release's variant (§4.3), whose reward
+    queue restarts here. Returns (mean metrics, steps, prompts rolled out)."""
+    release = args.ppo_variant == "release"
+    cfg = (ppo.release_config if release else ppo.PPOConfig)(
+        kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // rt.world,
+        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl, absolute_positions=args.release_absolute_positions,
+        adaptive_kl=args.adaptive_kl_target is not None, kl_target=args.adaptive_kl_target or 6.0)
     kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False)
-    modules = nn.ModuleDict(dict(policy=model, critic=critic))
+    modules = nn.ModuleDict(dict(policy=model) | ({} if release else dict(critic=critic)))
     opt, wrapped = adamw(modules, args.lr_hpa), parallel.wrap(rt, modules)
     g = torch.Generator(device=rt.device).manual_seed(seed)  # sampling and minibatch shuffles
+    queue = ppo.RewardQueue(cfg.queue_size) if release else None
 
     def end_of_turn(ids):  # real data: an answer that writes the template's next turn ends where that begins
         ids, _, cut = data.cut_ids_at_end_of_turn(ids, tok)
         return ids if cut else None
 
     def loss_fn(modules, mb):
-        return ppo.ppo_loss(modules.policy, modules.critic, mb, cfg)
+        return ppo.release_loss(modules.policy, mb) if release else ppo.ppo_loss(modules.policy, modules.critic, mb, cfg)
 
     # the lr's horizon: every rollout's epochs x minibatches, the last rollout and the last minibatch maybe smaller
     local = args.rollout_batch // rt.world
@@ -139,7 +143,7 @@ def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, f
         # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
         with rt.autocast(), parallel.gathered(rt, model):
             ro, m = ppo.rollout(model, ref_model, critic, rm, [prompts[i] for i in idx], cfg, tok.eos_id, tok.pad_id,
-                                generator=g, end_of_turn=end_of_turn)
+                                generator=g, end_of_turn=end_of_turn, queue=queue)
         rollouts.append(parallel.mean_over_ranks(m, rt))
         n_prompts += len(idx) * rt.world
         if kl_ctl is not None:  # every rank moves the coefficient by the same, mean KL
@@ -284,7 +288,8 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
 
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)  # the anchor θ* is the model at the start of the stage
-        if args.algo == "ppo" and stage.kind == "hpa" and (critic is None or args.critic_restart):
+        if (args.algo, args.ppo_variant, stage.kind) == ("ppo", "textbook", "hpa") and (critic is None
+                                                                                   or args.critic_restart):
             critic = new_critic()  # it estimates values of the same fixed reward in every HPA stage
         try:
             m, steps, examples = run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log_step)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_save, export_hf, read_safetensors
 from conftest import tiny_transformer
-from model import ModelArgs, Transformer, apply_rotary, attention_mask, rotary, save_checkpoint
+from model import ModelArgs, Transformer, apply_rotary, attention_mask, rotary, sample_next, save_checkpoint
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=64)
 
@@ -221,10 +221,23 @@ def test_generation_sampling_is_reproducible_and_capped():
     assert draw[0] == draw[1] and draw[0] != draw[2]
     # a nucleus smaller than any single token keeps only the most likely one: greedy
     assert model.generate(PROMPTS, 5, temperature=1.0, top_p=1e-9) == model.generate(PROMPTS, 5)
+    assert model.generate(PROMPTS, 5, temperature=1.0, top_k=1) == model.generate(PROMPTS, 5)  # top-1: greedy too
     # prompt + new tokens never exceed max_seq_len
     assert [len(r) for r in model.generate([[1] * 60, [2]], 10)] == [4, 4]
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     assert all(len(r) == 3 for r in bf16.generate(PROMPTS, 3))
+
+
+def test_top_k_then_top_p_by_hand():
+    """Probabilities [0.4, 0.3, 0.2, 0.1] (ids 0-3): top-k 3 keeps {0, 1, 2}, renormalised [4/9, 3/9, 2/9]; then
+    top-p 0.7 keeps the tokens whose mass before them is <= 0.7: 0 (0) and 1 (4/9), not 2 (7/9). Without top-k,
+    top-p 0.71 keeps 0, 1 and 2 (the mass before 2 is 0.7). 4000 draws each."""
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    both = sample_next(logits, 1.0, 0.7, g, top_k=3)
+    assert set(both.tolist()) == {0, 1} and (both == 0).float().mean().item() == pytest.approx(4 / 7, abs=0.03)
+    assert set(sample_next(logits, 1.0, 1.0, g, top_k=3).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, 1.0, 0.71, g).tolist()) == {0, 1, 2}
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------

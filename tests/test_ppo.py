@@ -274,6 +274,128 @@ def test_config_rejects_what_it_cannot_do():
         ppo.PPOConfig(temperature=0.7)
 
 
+# --- the release's variant (§4.3) -------------------------------------------------------------------------------
+
+def release_rewards_as_released(score, logprobs, ref_logprobs, n_response, start, gamma, kl_coef):
+    """The release's own loop on one left-padded row of T - 1 log-prob columns: the score is multiplied by γ once
+    per column from column 0 (prompt and padding included) and added there, the clamped KL subtracted; the
+    response's log-probs sit at columns start .. start + n_response - 1 with start = Tq - 1."""
+    row, seq_reward = [], score
+    for j in range(len(logprobs)):
+        seq_reward *= gamma
+        row.append(seq_reward - kl_coef * max(0.0, logprobs[j] - ref_logprobs[j]))
+    return row[start:start + n_response]
+
+
+def test_release_token_rewards_hand_worked_and_as_released():
+    """The docstring's example by hand, then both position conventions against the release's loop on rows with 3
+    prompt columns (Tq = 3, start = 2) and responses of 3 and 2 tokens."""
+    got = ppo.release_token_rewards(torch.tensor([2.0]), torch.tensor([[0.4, -0.3, 0.0]]), torch.zeros(1, 3),
+                                    torch.tensor([[True, True, False]]), kl_coef=0.1, gamma=0.5)
+    torch.testing.assert_close(got, torch.tensor([[0.96, 0.5, 0.0]]))
+    torch.manual_seed(0)
+    Tq, Tr, gamma, beta = 3, 3, 0.95, 0.1
+    full_lp, full_ref = -torch.rand(2, Tq - 1 + Tr, dtype=torch.float64), -torch.rand(2, Tq - 1 + Tr, dtype=torch.float64)
+    masks = torch.tensor([[True, True, True], [True, True, False]])
+    scores = torch.tensor([1.5, -4.0], dtype=torch.float64)
+    lp, ref = full_lp[:, Tq - 1:], full_ref[:, Tq - 1:]                   # the response columns
+    absolute = ppo.release_token_rewards(scores, lp, ref, masks, beta, gamma, offset=Tq - 1)
+    relative = ppo.release_token_rewards(scores, lp, ref, masks, beta, gamma)
+    for b in range(2):
+        n = int(masks[b].sum())
+        expected = release_rewards_as_released(scores[b].item(), full_lp[b].tolist(), full_ref[b].tolist(), n,
+                                               Tq - 1, gamma, beta)
+        assert absolute[b, :n].tolist() == pytest.approx(expected, abs=1e-12)
+        # counted from the response's start, the same row as a release row whose prompt fills one column
+        expected = release_rewards_as_released(scores[b].item(), lp[b].tolist(), ref[b].tolist(), n, 0, gamma, beta)
+        assert relative[b, :n].tolist() == pytest.approx(expected, abs=1e-12)
+    assert (absolute[~masks] == 0).all() and (relative[~masks] == 0).all()
+
+
+def test_whiten_with_queue_hand_worked_fifo_and_restart():
+    """The docstring's example; then a FIFO of size 4 across three batches against numpy on the values it must
+    hold (zeros and padding never enter it), and a fresh queue whitening a batch by that batch alone."""
+    w, q = ppo.whiten_with_queue(torch.tensor([[2.0, 3.0]]), torch.tensor([[True, True]]), torch.tensor([1.0]), 3)
+    assert q.tolist() == [1.0, 2.0, 3.0]
+    torch.testing.assert_close(w, torch.tensor([[0.0, 1.0 / (2 / 3) ** 0.5]]))
+    batches = [(torch.tensor([[1.0, 0.0, 9.0]]), torch.tensor([[True, True, False]])),   # pushes [1]
+               (torch.tensor([[2.0, 4.0], [-1.0, 5.0]]), torch.tensor([[True, True], [True, False]])),  # [2, 4, -1]
+               (torch.tensor([[7.0, 0.5]]), torch.tensor([[True, True]]))]              # [7, 0.5]
+    expected_queues = [[1.0], [1.0, 2.0, 4.0, -1.0], [4.0, -1.0, 7.0, 0.5]]
+    q = torch.zeros(0)
+    for (rewards, masks), held in zip(batches, expected_queues):
+        w, q = ppo.whiten_with_queue(rewards, masks, q, size=4)
+        assert q.tolist() == held
+        mean, std = np.mean(held), np.std(held)
+        expected = np.where(masks.numpy(), (rewards.numpy() - mean) / (std + 1e-8), 0.0)
+        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6, atol=1e-6)
+    queue = ppo.RewardQueue(4)                                          # a new stage: an empty queue
+    w = queue.whiten(*batches[2])
+    np.testing.assert_allclose(w.numpy(), [[1.0, -1.0]], rtol=1e-6)     # [7, 0.5] whitened by itself
+    assert queue.values.tolist() == [7.0, 0.5]
+
+
+def test_release_policy_loss_hand_worked_and_one_sided():
+    """The docstring's example: log π = [-1, -2], A = [1, -1] → loss 0.9, ∂/∂log π = [-0.5, 0]. Then, on random
+    numbers, the gradient is exactly REINFORCE's -A/N on positive-advantage tokens and exactly 0 on the others and
+    on padding: the update never lowers a token."""
+    logprobs = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    loss = ppo.release_policy_loss(logprobs, torch.tensor([[1.0, -1.0]], dtype=torch.float64),
+                                   torch.tensor([[True, True]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.9, abs=1e-12)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.5, 0.0]], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.manual_seed(0)
+    logprobs = (-torch.rand(4, 6, dtype=torch.float64) * 5).requires_grad_()
+    advantages = torch.randn(4, 6, dtype=torch.float64)
+    mask = torch.rand(4, 6) < 0.8
+    ppo.release_policy_loss(logprobs, advantages, mask).backward()
+    n = mask.sum().item()
+    expected = torch.where(mask & (advantages > 0), -advantages / n, torch.zeros_like(advantages))
+    torch.testing.assert_close(logprobs.grad, expected, rtol=0, atol=1e-12)
+    assert (logprobs.grad[mask & (advantages < 0)] == 0).all() and (advantages[mask] < 0).any()
+
+
+def test_release_rollout_against_its_pieces():
+    """A release rollout: no critic; the RM score clipped to [-10, 10] (the head is scaled up until some scores
+    pass 10) with no EOS penalty; rewards = release_token_rewards of the rollout's own log-probs; advantages =
+    those whitened by the stage's queue; values and returns 0; with absolute positions the decay counts Tq - 1 more
+    columns. Sampling keeps to the top-k tokens: with top_k = 1 it is greedy."""
+    from reward import RewardModel
+    policy, ref_model = tiny_transformer(seed=0, args=ARGS), tiny_transformer(seed=1, args=ARGS)
+    reward_model = RewardModel(tiny_transformer(seed=2, args=ARGS)).eval()
+    torch.nn.init.normal_(reward_model.head.weight, std=4.0)
+    prompts = [[1, 5, 6, 7], [1], [1, 9, 4], [1, 4], [1, 12, 13, 14, 15], [1, 8]]
+    cfg = ppo.release_config(max_new_tokens=8)
+    assert (cfg.kl_coef, cfg.epochs, cfg.top_k, cfg.top_p, cfg.eos_penalty) == (0.1, 1, 50, 0.95, None)
+    draws = {}
+    for absolute in (False, True):
+        cfg.absolute_positions, queue = absolute, ppo.RewardQueue(cfg.queue_size)
+        draws[absolute] = ro, m = ppo.rollout(policy, ref_model, None, reward_model, prompts, cfg, eos_id=2, pad_id=3,
+                                              generator=torch.Generator().manual_seed(0), queue=queue)
+        with torch.no_grad():
+            raw = reward_model.score(ro.tokens, torch.nn.functional.pad(ro.masks, (ro.queries.shape[1], 0)),
+                                     ro.pad_mask)
+        assert (raw.abs() > 10).any() and (raw.abs() < 10).any()
+        torch.testing.assert_close(ro.scores, raw.clamp(-10, 10))
+        offset = ro.queries.shape[1] - 1 if absolute else 0
+        expected = ppo.release_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.masks, 0.1, 0.95, offset)
+        torch.testing.assert_close(ro.rewards, expected)
+        whitened, held = ppo.whiten_with_queue(expected, ro.masks, torch.zeros(0), 1000)
+        torch.testing.assert_close(ro.advantages, whitened)
+        torch.testing.assert_close(queue.values, held)
+        assert (ro.values == 0).all() and (ro.returns == 0).all() and "explained_variance" not in m
+        assert m["positive_share"] == pytest.approx((whitened[ro.masks] > 0).float().mean().item())
+        _, lm = ppo.release_loss(policy, ro)
+        assert lm["approx_kl"] == pytest.approx(0.0, abs=1e-6) and "value_loss" not in lm
+    assert (draws[False][0].responses == draws[True][0].responses).all()  # the same draw, another decay
+    cfg.top_k = 1
+    ro, _ = ppo.rollout(policy, ref_model, None, reward_model, prompts, cfg, 2, 3,
+                        generator=torch.Generator().manual_seed(5), queue=ppo.RewardQueue(1000))
+    greedy = policy.generate(prompts, 8, temperature=0.0, eos_id=2)
+    assert [r[m].tolist() for r, m in zip(ro.responses, ro.masks)] == greedy
+
+
 # --- a short run ----------------------------------------------------------------------------------------------
 # On a synthetic task: on the embedded world the policy must first be pretrained and fine-tuned and the reward model
 # trained, minutes on 2 cores; `python train.py --algo ppo` is that run.

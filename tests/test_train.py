@@ -21,6 +21,8 @@ from checkpoint import export_hf
 from model import ModelArgs, Transformer, save_checkpoint
 
 SMOKE = ("--preset", "smoke", "--device", "cpu")
+ALGOS = {"dpo": ("--algo", "dpo"), "ppo": ("--algo", "ppo"),  # the flags of each HPA objective the tests run
+         "ppo-release": ("--algo", "ppo", "--ppo-variant", "release")}
 HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
                for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
 
@@ -77,7 +79,7 @@ def smoke_run(tmp_path_factory, cache):
     def get(algo):
         if algo not in runs:
             out = tmp_path_factory.mktemp(f"smoke-{algo}") / "out"
-            runs[algo] = (out, ok(train("--algo", algo, out=out, cache=cache)))
+            runs[algo] = (out, ok(train(*ALGOS[algo], out=out, cache=cache)))
         return runs[algo]
     return get
 
@@ -113,12 +115,13 @@ def custom_flags(d, ifa=None, hpa=None, model=None):
 # the pipeline end to end
 
 
-@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+@pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
 def test_smoke_run_writes_results_metrics_and_table(smoke_run, algo):
-    """The default command at smoke size runs both schedules and reports them: progress lines, a table, the logs."""
+    """The default command at smoke size runs both schedules and reports them: progress lines, a table, the logs.
+    The release's PPO builds no critic: no value loss is logged and no critic is checkpointed."""
     out, proc = smoke_run(algo)
     results = read_json(out / "results.json")
-    assert results["algo"] == algo
+    assert results["algo"] == algo.split("-")[0]
     assert set(results["schedules"]) == {"two-stage", "hbat"}
     for s in results["schedules"].values():
         assert {"ifa_score", "hpa_score"} <= set(s["metrics"])
@@ -136,6 +139,12 @@ def test_smoke_run_writes_results_metrics_and_table(smoke_run, algo):
     table = proc.stdout.splitlines()
     assert any(line.startswith("two-stage ") for line in table)
     assert any(line.startswith("hbat ") for line in table)
+    if algo.startswith("ppo"):
+        critic = algo == "ppo"
+        assert any("value_loss" in r for r in rows) == critic
+        assert any("rollout/positive_share" in r for r in rows) != critic
+        for name in ("two-stage", "hbat"):
+            assert (torch.load(out / f"{name}.pt", weights_only=True).get("critic") is not None) == critic
 
 
 @pytest.mark.slow
@@ -162,7 +171,7 @@ def test_torchrun_two_cpu_processes(tmp_path, cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+@pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
 def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
     """--fsdp (every model sharded over 2 gloo processes, the EWC anchor too) against DDP (whole copies) on the
     same run: the same loss, EWC penalty and gradient norm at every logged step, and the same final weights, to
@@ -174,7 +183,7 @@ def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
         out = tmp_path / how
         # activation checkpointing recomputes each block in backward: the same numbers again
         flags = ["--fsdp", "--activation-checkpointing"] if how == "fsdp" else []
-        ok(train("--algo", algo, *flags, out=out, cache=cache, launcher=launcher))
+        ok(train(*ALGOS[algo], *flags, out=out, cache=cache, launcher=launcher))
         rows = [r for r in read_rows(out / "metrics.jsonl") if r["schedule"] != "base"]  # pretrained once, cached
         runs[how] = (rows, {name: torch.load(out / f"{name}.pt", weights_only=True)
                                                          for name in ("two-stage", "hbat")})
@@ -241,14 +250,14 @@ def test_grad_accum_micro_batches_keep_each_pair_together():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+@pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
 def test_kill_and_resume_equals_an_uninterrupted_run(algo, smoke_run, tmp_path, cache):
     """Run B is the uninterrupted run A's command, SIGKILLed once hbat has checkpointed at least two stages (so both
     EWC accumulators, and under PPO the critic carried across HPA stages, are in play), then re-run: results.json
     and the per-step metrics equal A's exactly (CPU)."""
     out_a, _ = smoke_run(algo)
     out = tmp_path / "out"
-    cmd = [sys.executable, "train.py", *SMOKE, "--algo", algo, "--out", str(out), "--cache-dir", str(cache)]
+    cmd = [sys.executable, "train.py", *SMOKE, *ALGOS[algo], "--out", str(out), "--cache-dir", str(cache)]
     with open(tmp_path / "b.log", "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         done, deadline = 0, time.time() + 300
@@ -504,7 +513,7 @@ def first_rows(out, key):
     return rows
 
 
-@pytest.mark.parametrize("algo", ["dpo", "ppo"])
+@pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
 def test_the_loop_is_wired_as_the_method_says(smoke_run, algo):
     """From one smoke run's results.json and metrics.jsonl:
     - equal data: hbat's IFA stages together train on as many demonstrations as two-stage's IFA stage (every one,
@@ -542,6 +551,32 @@ def test_the_loop_is_wired_as_the_method_says(smoke_run, algo):
             assert len(got) == st["steps"]
             warm = max(1, int(config["warmup"] * st["steps"]))
             assert got[-1] == pytest.approx(peak * (1.0 if st["steps"] == warm else 1 / (st["steps"] - warm)))
+
+
+def test_release_reward_queue_restarts_at_every_hpa_stage(monkeypatch, tmp_path, cache):
+    """--ppo-variant release, in process: one reward queue per HPA stage (two-stage's one, hbat's four), each empty
+    at its stage's first rollout and whitening every rollout of that stage only."""
+    import ppo
+    import train as train_py
+    queues = []
+
+    class Recorded(ppo.RewardQueue):
+        def __init__(self, size):
+            super().__init__(size)
+            self.sizes_before = []
+            queues.append(self)
+
+        def whiten(self, rewards, masks):
+            self.sizes_before.append(len(self.values))
+            return super().whiten(rewards, masks)
+
+    monkeypatch.setattr(ppo, "RewardQueue", Recorded)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train_py.main([*SMOKE, *ALGOS["ppo-release"], "--out", str(tmp_path / "out"), "--cache-dir", str(cache)])
+    assert len(queues) == 1 + 4
+    assert [len(q.sizes_before) for q in queues] == [4, 1, 1, 1, 1]  # 64 prompts in rollouts of 16; hbat's 16 each
+    assert all(q.sizes_before[0] == 0 and 0 < len(q.values) <= 1000 for q in queues)
+    assert queues[0].sizes_before == sorted(queues[0].sizes_before) and queues[0].sizes_before[-1] > 0
 
 
 def test_ppo_lr_horizon_when_minibatches_do_not_divide_the_rollout(tmp_path, cache):
