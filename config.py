@@ -11,6 +11,7 @@ import sys
 import ewc
 import hbat
 import memory
+import ppo
 
 PRESETS = {
     # the reproduction (§6): sizes and rates from the design notes of §6.1 / §6.2
@@ -51,6 +52,8 @@ def get_args(argv=None):
     a("--preset", choices=list(PRESETS), default="default", help="sizes and rates for flags marked 'preset'")
     a("--out", default="out", help="output dir: results.json, metrics.jsonl, checkpoints; re-running resumes")
     a("--overwrite", action="store_true", help="start afresh in an --out whose saved config differs")
+    a("--save-every", type=int, help="also checkpoint a stage's progress every K optimizer steps (PPO: at the first "
+      "rollout boundary after K), so that a re-run resumes inside the stage (default: 250 with --model, else off)")
     a("--seed", type=int, default=0, help="training seed: splits, shuffles, heads, sampling")
     a("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     a("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -140,6 +143,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.ifa_styled is not None and args.ifa_data:
         p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
+    if args.save_every is None:
+        args.save_every = 250 if args.model else 0  # the tiny world's stages take seconds
     release = args.ppo_variant == "release"
     if args.kl_coef is None:
         args.kl_coef = 0.1 if release else 0.2
@@ -164,6 +169,8 @@ def check_args(args, p):
     for flag in ("f_max", "f_max_ifa", "ewc_lambda", "beta", "kl_coef", "lr_ifa", "lr_hpa"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.save_every < 0:
+        p.error(f"--save-every must be >= 0, got {args.save_every}")
     if not 0 <= args.alignment_tax <= 1:
         p.error(f"--alignment-tax must be in [0, 1], got {args.alignment_tax}")
     if not 0 <= args.ifa_styled <= 1:
@@ -201,12 +208,20 @@ def check_args(args, p):
 
 # the flags that change where or how fast a run goes, not what it computes: a run resumes across changes of these
 NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "export_hf", "dry_run", "gpus", "gpu_gb",
-                  "fsdp", "compile", "activation_checkpointing"}
+                  "fsdp", "compile", "activation_checkpointing", "save_every"}
 
 
 def run_config(args) -> dict:
     """The settings that define a run's results, as written to OUT/config.json and results.json."""
     return {k: v for k, v in vars(args).items() if k not in NOT_RUN_CONFIG}
+
+
+def ppo_config(args, world):
+    """The PPOConfig of a PPO stage (§4.2), or the release's (§4.3), from the flags; minibatches per rank."""
+    return (ppo.release_config if args.ppo_variant == "release" else ppo.PPOConfig)(
+        kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // world,
+        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl, absolute_positions=args.release_absolute_positions,
+        adaptive_kl=args.adaptive_kl_target is not None, kl_target=args.adaptive_kl_target or 6.0)
 
 
 def check_world(args, world):

@@ -9,14 +9,16 @@ anchor (memory.py has the numbers). Placed models cannot be deep-copied and, und
 shards: hence copy_of, full_state, load_full_state and gathered, each of which is the plain one-liner it stands for
 when --fsdp is off. The training loop reaches DDP and FSDP only through wrap, grad_sync and clip_grad_norm.
 """
+import itertools
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
@@ -74,16 +76,22 @@ def mean_over_ranks(metrics, rt):
     return dict(zip(metrics, (t / rt.world).tolist()))
 
 
-def place(rt, module):
+def place(rt, module, full_state=None):
     """A fresh, unsharded module onto the device, with --compile and --activation-checkpointing applied; with
-    --fsdp, sharded over the ranks there."""
+    --fsdp, sharded over the ranks there. The module may be on the meta device (no memory): its tensors are then
+    allocated there (with --fsdp only each rank's shards) and filled from `full_state`, a whole state_dict that under
+    --fsdp only rank 0's counts: FSDP2 broadcasts it shard by shard (lean loading: `lean`)."""
     trunk = module.trunk if isinstance(module, reward.RewardModel) else module
     trunk.checkpointing = rt.activation_checkpointing
     if rt.compile:
         for layer in trunk.layers:
             layer.compile()  # per block, in place (FSDP's gathers stay outside the compiled code)
+    meta = any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
     if not rt.fsdp:
-        return module.to(rt.device)
+        module = module.to_empty(device=rt.device) if meta else module.to(rt.device)
+        if full_state is not None:
+            module.load_state_dict(full_state)
+        return module
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if rt.bf16 else None, reduce_dtype=torch.float32)
     for layer in trunk.layers:
         fully_shard(layer, mp_policy=mp)
@@ -91,14 +99,44 @@ def place(rt, module):
     for method in ("hidden", "next_token_logprobs", "token_logprobs", "generate", "values", "score"):
         if hasattr(module, method):  # entry points besides forward(): they too gather the root's weights first
             register_fsdp_forward_method(module, method)
+    if meta:
+        module.to_empty(device=rt.device)  # this rank's shards only
+    if full_state is not None:  # every rank takes part; only rank 0's full_state is read
+        set_model_state_dict(module, full_state if rt.rank == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return module
+
+
+def lean(rt, load, build):
+    """An unplaced module for `place`: under --fsdp only rank 0 runs load() (reads a checkpoint: one copy of the
+    weights in host memory per node, not one per rank); the others get build(model_args) of the same shape on the
+    meta device, no memory, and their shards when it is placed with rank 0's state_dict. A load() that fails with
+    OSError or ValueError fails on every rank with rank 0's message. Without --fsdp every rank loads its own copy."""
+    if not rt.fsdp:
+        return load()
+    box = [None]  # rank 0 -> every rank: (model_args, None) or (None, the error)
+    if rt.rank == 0:
+        try:
+            module = load()
+            box = [(asdict(module.args), None)]
+        except (OSError, ValueError) as e:
+            box = [(None, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    margs, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    if rt.rank == 0:
+        return module
+    with torch.device("meta"):
+        return build(margs)
 
 
 def copy_of(rt, module, fresh):
     """An independent copy of `module` (a placed one cannot be deep-copied: FSDP forbids it, compiled blocks would
-    share code with the original); fresh() builds an unplaced module of the same shape."""
-    new = place(rt, fresh())
-    new.load_state_dict(module.state_dict())  # under FSDP shard by shard: both are laid out over the same ranks
+    share code with the original); fresh() builds an unplaced module of the same shape, on the meta device or not."""
+    new = place(rt, fresh(), None if rt.fsdp else module.state_dict())
+    if rt.fsdp:
+        new.load_state_dict(module.state_dict())  # shard by shard: both are laid out over the same ranks
     return new
 
 
@@ -114,6 +152,25 @@ def load_full_state(rt, module, state):
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
     else:
         module.load_state_dict(state)
+
+
+def train_state(rt, module, opt):
+    """(the module's whole state_dict, the optimizer's), for a mid-stage checkpoint: under FSDP every rank must call
+    this and rank 0 gets them whole, on the CPU."""
+    if not rt.fsdp:
+        return module.state_dict(), opt.state_dict()
+    return get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_train_state(rt, module, opt, module_state, opt_state):
+    """The inverse of train_state, on every rank (each reads the whole file; FSDP keeps its shards)."""
+    if rt.fsdp:
+        # not strict: a parameter that never had a gradient (the critic's unused LM head) has no AdamW state
+        set_state_dict(module, opt, model_state_dict=module_state, optim_state_dict=opt_state,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        module.load_state_dict(module_state)
+        opt.load_state_dict(opt_state)
 
 
 @contextmanager

@@ -6,7 +6,6 @@ These models are trained by train.py's loop, which is handed in (`optimize`, `ru
 trained from what, on which data, and where it is kept; train.py says how a step is taken. § refers to
 docs/method.md.
 """
-import copy
 import hashlib
 import os
 from dataclasses import asdict
@@ -85,15 +84,18 @@ def sft_model(args, rt, base, ifa_ex, tok, log, run_stage):
     the same model as two-stage's), trained once per run and kept in OUT/sft.pt."""
     path = os.path.join(args.out, "sft.pt")
     if not os.path.exists(path):
-        model = parallel.place(rt, copy.deepcopy(base))
+        with torch.device("meta"):  # no copy of the weights: place fills it from rank 0's base
+            model = Transformer(base.args)
+        model = parallel.place(rt, model, base.state_dict())
         run_stage(args, rt, hbat.two_stage(args.epochs_ifa, args.epochs_hpa)[0], model, None,
                   {"ifa": hbat.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
-                  lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}))
+                  lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}), None)
         state = parallel.full_state(rt, model)
         if rt.rank == 0:
             checkpoint.save(asdict(base.args), state, path)
         parallel.barrier(rt)
-    return Transformer.from_pretrained(path).to("cpu" if rt.fsdp else rt.device)
+    sft = parallel.lean(rt, lambda: Transformer.from_pretrained(path), lambda margs: Transformer(ModelArgs(**margs)))
+    return sft if rt.fsdp else sft.to(rt.device)
 
 
 def train_reward_model(args, rt, sft, hpa_ex, log, optimize):
@@ -105,7 +107,8 @@ def train_reward_model(args, rt, sft, hpa_ex, log, optimize):
     train_ex, val_ex = hpa_ex[:-n_val], hpa_ex[-n_val:]
     if not os.path.exists(path):
         torch.manual_seed(hbat.stage_seed(args.seed, "rm"))
-        rm = parallel.place(rt, reward.RewardModel(copy.deepcopy(sft)))
+        rm = reward.RewardModel(sft)  # the SFT model is not needed after this
+        rm = parallel.place(rt, rm, rm.state_dict())
         local, batch = data.shard_of(train_ex, rt.rank, rt.world), args.batch_size // rt.world
         optimize(rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
                  data.batches_of(local, batch, args.rm_epochs, hbat.stage_seed(args.seed, "rm"), data.hpa_batch,
@@ -118,7 +121,9 @@ def train_reward_model(args, rt, sft, hpa_ex, log, optimize):
         if rt.rank == 0:
             checkpoint.save(asdict(rm.args), state, path)
         parallel.barrier(rt)
-    rm = parallel.place(rt, reward.RewardModel.from_pretrained(path)).eval().requires_grad_(False)
+    rm = parallel.lean(rt, lambda: reward.RewardModel.from_pretrained(path),
+                       lambda margs: reward.RewardModel(Transformer(ModelArgs(**margs))))
+    rm = parallel.place(rt, rm, rm.state_dict()).eval().requires_grad_(False)
     acc = reward.pairwise_accuracy(rm, val_ex, args.batch_size, rt.device)
     if rt.rank == 0:
         tqdm.write(f"reward model: held-out pairwise accuracy {acc:.3f} on {len(val_ex)} pairs")

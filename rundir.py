@@ -15,6 +15,7 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
 import parallel
@@ -54,8 +55,9 @@ class MetricsLog:
     def __init__(self, out, rank):
         self.path, self.on = os.path.join(out, "metrics.jsonl"), rank == 0
 
-    def keep_only(self, done):
-        """done: {schedule: number of its completed stages}; rows of other schedules (base, reward) are kept."""
+    def keep_only(self, done, resume_steps=None):
+        """done: {schedule: number of its completed stages}; rows of other schedules (base, reward) are kept, and
+        with resume_steps {schedule: global step}, the rows of the stage a schedule resumes inside, before that step."""
         if not (self.on and os.path.exists(self.path)):
             return
         rows = []
@@ -65,7 +67,9 @@ class MetricsLog:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the last row, torn by a kill
-                if r["schedule"] not in done or r["stage_index"] < done[r["schedule"]]:
+                name, limit = r["schedule"], (resume_steps or {}).get(r["schedule"])
+                if name not in done or r["stage_index"] < done[name] or (
+                        r["stage_index"] == done[name] and limit is not None and r["step"] < limit):
                     rows.append(r)
         checkpoint.atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
@@ -102,6 +106,74 @@ def save_schedule(out, name, model_args, state, ewc_state, history, steps, criti
     optimizer steps taken and PPO's critic (every stage restarts AdamW and draws its randomness from its own seed)."""
     checkpoint.save(model_args, state, schedule_path(out, name), ewc=ewc_state, history=history, steps=steps,
                     critic=critic_state)
+
+
+class MidStage:
+    """OUT/<schedule>.step.pt: a stage's progress every --save-every optimizer steps, so that a killed run resumes
+    inside the stage as if never stopped. The stage is first rebuilt from the last stage-boundary checkpoint exactly
+    as an uninterrupted run builds it (the EWC anchor and weights, the reference model or cached reference log-probs,
+    the critic it started with); `restore` then loads what only the stage's own steps changed: the weights (PPO: and
+    the critic's), AdamW's state, every RNG in use, and the loop's `progress` (its step, its metric rows, where it is
+    in the data; PPO: its sampling generator, reward queue and KL coefficient). Written atomically by rank 0; under
+    FSDP every rank takes part in gathering it."""
+
+    def __init__(self, out, schedule, stage_index, step0, every, rt):
+        self.path, self.schedule = os.path.join(out, f"{schedule}.step.pt"), schedule
+        self.stage_index, self.step0, self.every, self.rt = stage_index, step0, every, rt
+        self.last = 0  # the stage's step at the last save (or at the restore)
+
+    def _read(self):
+        if not os.path.exists(self.path):
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        return state if state["stage_index"] == self.stage_index else None  # else left by an earlier stage
+
+    def restore(self, module, opt, name):
+        """Load this stage's saved progress into module and opt (the ones the stage just built) and return the loop's
+        `progress` dict, or None when the stage starts from its beginning."""
+        state = self._read()
+        if state is None:
+            return None
+        parallel.load_train_state(self.rt, module, opt, state["module"], state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.last = state["progress"]["step"]
+        if self.rt.rank == 0:
+            tqdm.write(f"resuming {self.schedule} {name} at step {self.last}")
+        return state["progress"]
+
+    def saved(self) -> bool:
+        """Whether this stage's progress is on disk (a file left by an earlier stage does not count)."""
+        return self._read() is not None
+
+    def due(self, step):
+        return bool(self.every) and step - self.last >= self.every
+
+    def save(self, module, opt, progress):
+        """Every rank calls this (FSDP gathers the weights and AdamW's state); rank 0 writes."""
+        module_state, opt_state = parallel.train_state(self.rt, module, opt)
+        self.last = progress["step"]
+        if self.rt.rank == 0:
+            progress = progress | {"global_step": self.step0 + progress["step"]}  # where metrics.jsonl resumes
+            checkpoint.atomic_save({"stage_index": self.stage_index, "module": module_state, "optimizer": opt_state,
+                                    "rng": torch.get_rng_state(), "progress": progress,
+                                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                                   self.path)
+
+    def clear(self):
+        """After the stage's boundary checkpoint is written: its progress file is spent."""
+        if self.rt.rank == 0 and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def mid_stage_step(out, name, stage_index):
+    """The global step at which a saved mid-stage progress of `name` resumes stage `stage_index`, or None."""
+    path = os.path.join(out, f"{name}.step.pt")
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state["progress"]["global_step"] if state["stage_index"] == stage_index else None
 
 
 # -----------------------------------------------------------------------------

@@ -131,6 +131,41 @@ def strength_table(rows, c):
     return "\n".join(lines)
 
 
+def pooled(roots, versus=None):
+    """Over base models (one study root per world): for every setting that all roots hold, the win rate against
+    two-stage per base (mean over its seeds), then pooled with the base as the unit of replication: the mean of the
+    per-base means and its 95% t-interval over bases; beside it the mean and interval over every run, and the mean
+    metrics over every run. With `versus` (a setting), also the paired difference of win rates, setting − versus,
+    on the same base and seed, pooled over bases."""
+    studies = []
+    for root in roots:
+        with open(os.path.join(root, "STUDY.json")) as f:
+            studies.append(json.load(f))
+    keys = ("ifa_score", "hpa_score", "rm_score", "styled", "length")
+    lines = ["| setting | " + " | ".join(f"base {i}" for i in range(len(roots))) + " | pooled over bases (95% CI) | "
+             "over all runs (95% CI) | " + " | ".join(keys) + " |" + (f" paired − {versus} (95% CI) |" if versus else ""),
+             "|---|" + "---|" * (len(roots) + 2 + len(keys) + bool(versus))]
+    for setting in [s for s in studies[0] if all(s in st for st in studies[1:])]:
+        runs = [st[setting] for st in studies]
+        every = [r for rs in runs for r in rs]
+        wins = [[r["win"] for r in rs if r["win"] is not None] for rs in runs]
+        means = [statistics.mean(w) for w in wins if w]
+        cells = [f"{statistics.mean(w):.3f} ({len(w)})" if w else "-" for w in wins]
+        cells += [f"{statistics.mean(means):.3f} ({interval(means)})" if len(means) == len(roots) else "-"]
+        flat = [w for ws in wins for w in ws]
+        cells += [f"{statistics.mean(flat):.3f} ({interval(flat)})" if flat else "-"]
+        cells += [f"{statistics.mean(r[k] for r in every):.3f}" if all(k in r for r in every) else "-" for k in keys]
+        if versus:
+            diffs = []
+            for st in studies:
+                ref = {r["seed"]: r["win"] for r in st.get(versus, []) if r["win"] is not None}
+                d = [r["win"] - ref[r["seed"]] for r in st[setting] if r["win"] is not None and r["seed"] in ref]
+                diffs += [statistics.mean(d)] if d else []
+            cells += [f"{statistics.mean(diffs):+.3f} ({interval(diffs)})" if len(diffs) == len(roots) else "-"]
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarise(rows):
     """rows: {setting: [(metrics, win rate vs two-stage), one per seed]} -> markdown table."""
     lines = ["| setting | seeds | IFA score | HPA score | styled | no EOS | win rate vs two-stage | its 95% CI |",
@@ -168,7 +203,12 @@ def main():
     p.add_argument("--ppo-variant", choices=["textbook", "release"], default="textbook", help="train.py --ppo-variant")
     p.add_argument("--rerun", action="store_true", help="call train.py for finished runs too (it resumes: only "
                    "their evaluation is repeated); by default their results.json is read")
+    p.add_argument("--pool", nargs="+", metavar="ROOT", help="run nothing: pool the finished studies of several "
+                   "base models (their OUT directories, each with its STUDY.json) with the base as the unit")
+    p.add_argument("--versus", help="--pool: also the paired difference of each setting's win rate to this one's")
     args = p.parse_args()
+    if args.pool:
+        return print(pooled(args.pool, args.versus))
     if args.ppo_variant != "textbook" and args.algo != "ppo":
         p.error("--ppo-variant applies to --algo ppo")
     root = args.out or (f"runs/study_{args.algo}" + ("_release" if args.ppo_variant == "release" else "")
@@ -187,9 +227,10 @@ def main():
             main_runs[(c, seed)] = out
             for name, r in res["schedules"].items():
                 win = res["win_rates"].get(f"{name}_vs_two-stage")
-                table.setdefault(f"c={c} {name}", []).append((r["metrics"] | total_weights(res, name), win))
+                table.setdefault(f"c={c} {name}", []).append((r["metrics"] | total_weights(res, name) | {"seed": seed},
+                                                              win))
             sft = res["schedules"]["two-stage"]["stages"][0]
-            table.setdefault(f"c={c} SFT only (after IFA)", []).append((sft.get("eval", {}), None))
+            table.setdefault(f"c={c} SFT only (after IFA)", []).append((sft.get("eval", {}) | {"seed": seed}, None))
     if args.only in ("ablations", "all"):
         c = args.taxes[0]
         grid = {name for name, _ in ABLATIONS[-len(METHODS) * len(MULTIPLIERS) + 1:]}
@@ -207,9 +248,11 @@ def main():
                 win = world.win_rate(test, [r["response"] for r in responses(out, "hbat")],
                                      [r["response"] for r in test])
                 table.setdefault(f"c={c} hbat {name}", []).append((res["schedules"]["hbat"]["metrics"]
-                                                                   | total_weights(res), win))
+                                                                   | total_weights(res) | {"seed": seed}, win))
     if args.dry:
         return
+    with open(os.path.join(root, "STUDY.json"), "w") as f:  # what --pool reads
+        json.dump({setting: [m | {"win": w} for m, w in runs] for setting, runs in table.items()}, f)
     report = summarise(table)
     if args.ablations and "strengths" in args.ablations:
         report += "\n\n" + strength_table(table, args.taxes[0])

@@ -16,7 +16,6 @@ rundir.py; one process, DDP or FSDP: parallel.py.
 Re-running a command with the same --out resumes after the last completed stage with the same numbers (same device
 and thread count): each stage draws its randomness from generators seeded by the stage. § refers to docs/method.md.
 """
-import copy
 import itertools
 import os
 import time
@@ -92,12 +91,16 @@ def means(rows, prefix=""):
     return {prefix + k: sum(r[k] for r in rows) / len(rows) for k in (rows[0] if rows else {})}
 
 
-def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None):
+def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None, mid=None):
     """One stage: one train_step per batch, (micro-batches, their shares), the lr warmed up and decayed over
-    n_steps. Returns (the stage's mean metrics, the number of steps taken)."""
-    opt, model, rows = adamw(module, lr), parallel.wrap(rt, module), []
-    bar = dict(desc=name, total=n_steps, leave=False, position=2, disable=None if rt.rank == 0 else True)
-    for step, (micros, shares) in enumerate(tqdm(batches, **bar)):
+    n_steps; `mid` (rundir.MidStage) saves its progress every --save-every steps and resumes from it. Returns (the
+    stage's mean metrics, the number of steps taken)."""
+    opt, model, rows, start = adamw(module, lr), parallel.wrap(rt, module), [], 0
+    if mid and (progress := mid.restore(module, opt, name)):
+        start, rows = progress["step"], progress["rows"]
+    bar = dict(desc=name, total=n_steps, initial=start, leave=False, position=2, disable=None if rt.rank == 0 else True)
+    # a resumed stage skips the batches it trained on: the same order, and the same examples counted
+    for step, (micros, shares) in enumerate(tqdm(itertools.islice(batches, start, None), **bar), start):
         try:
             m = train_step(model, opt, loss_fn, micros, shares, lr * lr_at(step, n_steps, warmup), grad_clip, rt,
                            ewc, module)
@@ -106,19 +109,17 @@ def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip,
         rows.append({k: v for k, v in m.items() if k != "lr"})  # the stage reports its mean metrics, not its lr
         if log:
             log(step, m)
+        if mid and mid.due(step + 1):
+            mid.save(module, opt, {"step": step + 1, "rows": rows})
     return means(rows), len(rows)
 
 
-def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, fresh, log):
+def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, fresh, log, mid):
     """§4.2, cleanrl's loop: for each batch of prompts, a rollout, then cfg.epochs x minibatches of train steps,
     stopped early when the policy moved too far (--target-kl). The KL reference is the model at the start of the
     stage (§2.3); the critic is the schedule's (run_schedule), None for the release's variant (§4.3), whose reward
     queue restarts here. Returns (mean metrics, steps, prompts rolled out)."""
-    release = args.ppo_variant == "release"
-    cfg = (ppo.release_config if release else ppo.PPOConfig)(
-        kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // rt.world,
-        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl, absolute_positions=args.release_absolute_positions,
-        adaptive_kl=args.adaptive_kl_target is not None, kl_target=args.adaptive_kl_target or 6.0)
+    cfg, release = config.ppo_config(args, rt.world), args.ppo_variant == "release"
     kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
     ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False)
     modules = nn.ModuleDict(dict(policy=model) | ({} if release else dict(critic=critic)))
@@ -138,8 +139,16 @@ def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, f
     n_steps = stage.epochs * cfg.epochs * sum(data.n_batches(size, cfg.minibatch_size, 1)
                                              for size in data.batch_sizes(len(prompts), local))
     step, rows, rollouts, n_prompts = 0, [], [], 0
-    bar = tqdm(total=n_steps, desc=stage.name, leave=False, position=2, disable=None if rt.rank == 0 else True)
-    for idx in data.shuffled(len(prompts), local, stage.epochs, seed):
+    if progress := mid.restore(modules, opt, stage.name):  # saved between rollouts: resume with the next one
+        step, rows, rollouts, n_prompts = (progress[k] for k in ("step", "rows", "rollouts", "n_prompts"))
+        g.set_state(progress["generator"])
+        cfg.kl_coef = progress["kl_coef"]
+        if kl_ctl is not None:  # the adaptive coefficient, where it had moved to
+            kl_ctl.value = cfg.kl_coef
+        if queue is not None:  # the release's reward queue
+            queue.values = progress["queue"]
+    bar = tqdm(total=n_steps, initial=step, desc=stage.name, leave=False, position=2, disable=rt.rank != 0 or None)
+    for idx in itertools.islice(data.shuffled(len(prompts), local, stage.epochs, seed), len(rollouts), None):
         # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
         with rt.autocast(), parallel.gathered(rt, model):
             ro, m = ppo.rollout(model, ref_model, critic, rm, [prompts[i] for i in idx], cfg, tok.eos_id, tok.pad_id,
@@ -165,6 +174,10 @@ def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, f
             # 3. early stop: the policy moved too far from the rollout's; skip the rest of this rollout's updates
             if args.target_kl and metrics["approx_kl"] > args.target_kl:
                 break
+        if mid.due(step):
+            mid.save(modules, opt, {"step": step, "rows": rows, "rollouts": rollouts, "n_prompts": n_prompts,
+                                    "generator": g.get_state(), "kl_coef": cfg.kl_coef,
+                                    "queue": queue.values if queue is not None else None})
     bar.close()
     return means(rows) | means(rollouts, "rollout/"), step, n_prompts
 
@@ -173,7 +186,7 @@ def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, f
 # one stage: its batches and its loss
 
 
-def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log):
+def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log, mid):
     """Build the batches and the loss of one stage of hbat.py, then optimize. Returns (mean metrics, steps, the
     examples it trained on: demonstrations, pairs or prompts, repeats over epochs counted, over all ranks; a
     multi-task stage counts both)."""
@@ -181,7 +194,7 @@ def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log)
     seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
     torch.manual_seed(seed)
     local = args.batch_size // rt.world
-    fit = dict(rt=rt, warmup=args.warmup, grad_clip=args.grad_clip, ewc=ewc, log=log)
+    fit = dict(rt=rt, warmup=args.warmup, grad_clip=args.grad_clip, ewc=ewc, log=log, mid=mid)
     seen = {"ifa": 0, "hpa": 0}  # counted as the batches are used
 
     def batches(examples, epochs, collate, seed, kind):
@@ -197,7 +210,8 @@ def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log)
                             data.n_batches(len(ifa), local, stage.epochs), args.lr_ifa, stage.name, **fit)
         return m, steps, seen["ifa"]
     if args.algo == "ppo":
-        return run_ppo_stage(args, rt, stage, model, critic, [ex[0] for ex in hpa], ewc, rm, tok, seed, fresh, log)
+        return run_ppo_stage(args, rt, stage, model, critic, [ex[0] for ex in hpa], ewc, rm, tok, seed, fresh, log,
+                             mid)
     # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
     ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False) if args.live_ref else None
     with rt.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
@@ -258,13 +272,14 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
                       norm=args.ewc_norm, scale=args.ewc_scale, elementwise=args.ewc_elementwise,
                       seed=args.seed) if name == "hbat" else None
 
-    def fresh():  # an unplaced model of the schedule's shape (placed ones cannot be deep-copied)
-        return copy.deepcopy(base)
+    def fresh():  # an unplaced model of the schedule's shape, on the meta device: place fills it
+        with torch.device("meta"):
+            return Transformer(base.args)
 
     def new_critic():  # PPO's value network starts as a copy of the reward model (ppo.make_critic says why)
         return ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(rt, m, lambda: reward.RewardModel(fresh())))
 
-    model, critic = parallel.place(rt, fresh()), None  # the critic is carried from one HPA stage to the next
+    model, critic = parallel.place(rt, fresh(), base.state_dict()), None  # the critic is carried across HPA stages
     ckpt = rundir.load_schedule(args.out, name, "cpu" if rt.fsdp else rt.device)
     if ckpt:
         parallel.load_full_state(rt, model, ckpt["model"])
@@ -291,10 +306,11 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
         if (args.algo, args.ppo_variant, stage.kind) == ("ppo", "textbook", "hpa") and (critic is None
                                                                                    or args.critic_restart):
             critic = new_critic()  # it estimates values of the same fixed reward in every HPA stage
+        mid = rundir.MidStage(args.out, name, i, step0, args.save_every, rt)  # --save-every: resume inside it
         try:
-            m, steps, examples = run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log_step)
-        except FloatingPointError as e:
-            path = rundir.schedule_path(args.out, name)
+            m, steps, examples = run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log_step, mid)
+        except FloatingPointError as e:  # the newest checkpoint that exists: this stage's progress, or the last stage's
+            path = mid.path if mid.saved() else rundir.schedule_path(args.out, name)
             die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
                                             "it has no checkpoint yet"), code=1)
         record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples}
@@ -323,6 +339,7 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
                        + f" ({time.time() - t0:.1f}s)")
             rundir.save_schedule(args.out, name, asdict(base.args), state, ewc.state_dict() if ewc else {}, history,
                                  step0, critic_state)
+        mid.clear()
         parallel.barrier(rt)
     return model, history, last_eval
 
@@ -344,14 +361,19 @@ def main(argv=None):
     try:
         tok, ifa_ex, hpa_ex, test, world, corpus = prepare.load_task(args, rt)
         judge = evaluate.load_judge(args.judge, tok, args.max_seq_len, rt.device) if args.judge else None
-        base = Transformer.from_pretrained(args.model) if args.model else None  # a bad file is one line too
+        base = parallel.lean(rt, lambda: Transformer.from_pretrained(args.model),  # a bad file is one line too
+                             lambda margs: Transformer(ModelArgs(**margs))) if args.model else None
     except (OSError, ValueError) as e:  # data.DataError is a ValueError
         die(str(e))
     config.check_sizes(args, len(ifa_ex), len(hpa_ex))
-    log.keep_only(rundir.completed_stages(args.out, args.schedules))
+    done = rundir.completed_stages(args.out, args.schedules)
+    log.keep_only(done, {name: rundir.mid_stage_step(args.out, name, n) for name, n in done.items()})
     if rt.rank == 0:
         rundir.write_tokenizer(args.out, tok)
-    base = base.to("cpu" if rt.fsdp else rt.device) if base else prepare.tiny_base(args, rt, tok, corpus, log.write, optimize)
+    if base is None:
+        base = prepare.tiny_base(args, rt, tok, corpus, log.write, optimize)
+    elif not rt.fsdp:  # under FSDP it stays on the CPU (the meta device on ranks other than 0) until placed
+        base = base.to(rt.device)
     if tok.vocab_size > base.args.vocab_size:
         die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
             f"--tokenizer does not belong to --model")

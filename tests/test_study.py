@@ -15,7 +15,9 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "L
 
 @pytest.mark.parametrize("name,flags", study.ABLATIONS, ids=[name for name, _ in study.ABLATIONS])
 def test_every_ablation_changes_only_the_setting_it_names(name, flags):
-    defaults, changed = vars(config.get_args([])), vars(config.get_args(flags))
+    algo, variant = study.ONLY.get(name, ("dpo", "textbook"))  # the run an ablation belongs to
+    base = ["--algo", algo, "--ppo-variant", variant] if algo == "ppo" else []
+    defaults, changed = vars(config.get_args(base)), vars(config.get_args(base + flags))
     differ = {k for k in defaults if defaults[k] != changed[k]}
     named = {f.lstrip("-").replace("-", "_") for f in flags if f.startswith("--")}
     assert differ == named, f"{name}: {flags} changes {differ}"
@@ -30,6 +32,29 @@ def test_summarise_gives_mean_and_sample_std_over_seeds():
     # three win rates 0.4, 0.5, 0.6: s = 0.1, half-width t(0.975, df 2) · s / sqrt(3) = 4.303 · 0.1 / 1.732 = 0.248
     runs = [({"ifa_score": 1.0, "hpa_score": 1.0, "no_eos": 0.0}, w) for w in (0.4, 0.5, 0.6)]
     assert study.summarise({"y": runs}).splitlines()[2].endswith("| 0.500 ± 0.100 | 0.25 to 0.75 |")
+
+
+def test_pooling_over_bases_by_hand(tmp_path):
+    """Two bases (study roots), setting A against the reference R on the same seeds:
+    base 0: A wins 0.6, 0.4 (mean 0.5), R 0.5, 0.3 -> paired differences +0.1, +0.1
+    base 1: A wins 0.7 (one seed; the other has no win rate), R 0.5 -> +0.2
+    pooled over bases: mean(0.5, 0.7) = 0.6, t(df 1) = 12.706, s = 0.1414, half-width 12.706 * 0.1414 / sqrt(2)
+    = 1.27; over all three runs mean 0.567, s = 0.153, half-width 4.303 * 0.153 / sqrt(3) = 0.38; paired over bases
+    mean(+0.1, +0.2) = +0.15, half-width 12.706 * 0.0707 / sqrt(2) = 0.64. A setting one root lacks is left out."""
+    def run(seed, win):
+        return {"seed": seed, "win": win, "ifa_score": 0.5, "hpa_score": 2.0, "styled": 0.1}
+    bases = [{"A": [run(0, 0.6), run(1, 0.4)], "R": [run(0, 0.5), run(1, 0.3)], "only here": [run(0, 0.5)]},
+             {"A": [run(0, 0.7), run(1, None)], "R": [run(0, 0.5), run(1, 0.5)]}]
+    roots = []
+    for i, b in enumerate(bases):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "STUDY.json").write_text(json.dumps(b))
+        roots.append(str(tmp_path / str(i)))
+    lines = study.pooled(roots, versus="R").splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| A", "| R"]
+    cells = lines[2].strip("| ").split(" | ")
+    assert cells[1:5] == ["0.500 (2)", "0.700 (1)", "0.600 (-0.67 to 1.87)", "0.567 (0.19 to 0.95)"]
+    assert cells[-1] == "+0.150 (-0.49 to 0.79)"
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from model import ModelArgs, Transformer, save_checkpoint
 
 SMOKE = ("--preset", "smoke", "--device", "cpu")
 ALGOS = {"dpo": ("--algo", "dpo"), "ppo": ("--algo", "ppo"),  # the flags of each HPA objective the tests run
-         "ppo-release": ("--algo", "ppo", "--ppo-variant", "release")}
+         "ppo-release": ("--algo", "ppo", "--ppo-variant", "release"), "ppo --fsdp": ("--algo", "ppo", "--fsdp")}
 HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
                for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
 
@@ -220,6 +220,56 @@ def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
     assert not (out / "hbat.pt").exists()
 
 
+LOAD_RECORDER = """# train.py, recording which model files each rank reads into loads-<rank>.txt
+import os, sys
+sys.path.insert(0, os.getcwd())
+import checkpoint, reward, train
+load, load_rm = checkpoint.load, reward.RewardModel.from_pretrained.__func__
+
+def record(path):
+    with open(os.path.join(os.environ["LOADS_DIR"], f"loads-{os.environ.get('RANK', '0')}.txt"), "a") as f:
+        f.write(f"{path}\\n")
+
+def recorded(path):
+    record(path)
+    return load(path)
+
+def recorded_rm(cls, path):
+    record(path)
+    return load_rm(cls, path)
+
+checkpoint.load, reward.RewardModel.from_pretrained = recorded, classmethod(recorded_rm)
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_reads_every_model_file_on_rank_0_only(custom, tmp_path, cache):
+    """Lean loading: `torchrun --fsdp` with --model under PPO (the base, then the SFT model and the reward model,
+    each read back from OUT) reads every model file on rank 0 only; the other rank builds the model on the meta
+    device and receives its shards. The run takes the same steps to the same weights as DDP, where every rank reads
+    its own copy."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    (tmp_path / "recorder.py").write_text(LOAD_RECORDER)
+    states = {}
+    for how in ("ddp", "fsdp"):
+        loads = tmp_path / f"loads-{how}"
+        loads.mkdir()
+        out = tmp_path / how
+        flags = [*SMOKE, "--algo", "ppo", *custom_flags(custom), "--rollout-batch", "8", "--minibatch", "8",
+                 "--out", str(out), "--cache-dir", str(cache)] + (["--fsdp"] if how == "fsdp" else [])
+        ok(subprocess.run([*launcher, str(tmp_path / "recorder.py"), *map(str, flags)], cwd=ROOT,
+                          env=ENV | {"LOADS_DIR": str(loads)}, capture_output=True, text=True, timeout=300))
+        read = {rank: (loads / f"loads-{rank}.txt").read_text().split() if (loads / f"loads-{rank}.txt").exists()
+                else [] for rank in (0, 1)}
+        names = {rank: sorted(os.path.basename(p) for p in paths) for rank, paths in read.items()}
+        assert names[0] == ["model.pt", "reward_model.pt", "sft.pt"], names
+        assert names[1] == ([] if how == "fsdp" else names[0]), names
+        states[how] = torch.load(out / "two-stage.pt", weights_only=True)["model"]
+    diff = torch.cat([(states["fsdp"][k] - states["ddp"][k]).abs().flatten() for k in states["ddp"]])
+    assert (diff > 1e-3).float().mean() < 1e-3 and diff.max() < 1e-2, ((diff > 1e-3).sum(), diff.max())
+
+
 def test_grad_accum_micro_batches_keep_each_pair_together():
     """--grad-accum n cuts each step's batch into n micro-batches (data.batches_of). A DPO batch is B chosen
     rows then the same B pairs' rejected rows (data.hpa_batch), so every micro-batch must again be one: its pairs'
@@ -280,6 +330,82 @@ def test_kill_and_resume_equals_an_uninterrupted_run(algo, smoke_run, tmp_path, 
     def step_rows(path):  # the base is pretrained (and logged) only by the session's first run
         return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat")]
     assert step_rows(out / "metrics.jsonl") == step_rows(out_a / "metrics.jsonl")
+
+
+KILLER = """# train.py, SIGKILLed by itself right after its N-th mid-stage save (or, torn, halfway through writing it)
+import io, os, signal, sys
+sys.path.insert(0, os.getcwd())
+import checkpoint, rundir, train
+n, torn, count, save = int(os.environ["KILL_AFTER"]), os.environ.get("KILL_TORN") == "1", [0], rundir.MidStage.save
+
+def half_written(path, write):
+    buf = io.BytesIO()
+    write(buf)
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def killing_save(self, *args):
+    count[0] += 1
+    if count[0] == n and torn and self.rt.rank == 0:
+        checkpoint.atomic_write = half_written
+    save(self, *args)
+    if count[0] == n and self.rt.rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+rundir.MidStage.save = killing_save
+train.main(sys.argv[1:])
+"""
+
+
+def final_state(out):
+    return {name: torch.load(out / f"{name}.pt", weights_only=True)["model"] for name in ("two-stage", "hbat")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,after,torn,procs,where", [
+    ("dpo", 3, False, 1, ("two-stage", "IFA", 3)),       # inside an IFA stage (8 steps)
+    ("dpo", 11, False, 1, ("two-stage", "HPA", 3)),      # inside a DPO stage (8 steps)
+    ("dpo", 5, True, 1, ("two-stage", "IFA", 4)),        # during the write of step 5: step 4's file is what is left
+    ("ppo", 10, False, 1, ("two-stage", "HPA", 4)),      # between PPO rollouts (4 rollouts of 2 updates)
+    ("ppo-release", 18, False, 1, ("hbat", "HPA_2", 2)),  # after the one rollout of an hbat HPA stage, penalised
+    ("dpo", 13, False, 2, ("two-stage", "HPA", 5)),      # torchrun, 2 processes
+    ("ppo --fsdp", 10, False, 2, ("two-stage", "HPA", 4)),  # torchrun --fsdp: AdamW's state gathered and re-sharded
+], ids=["ifa", "dpo", "torn-write", "ppo-between-rollouts", "release-end-of-stage", "torchrun", "fsdp"])
+def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after, torn, procs, where, smoke_run,
+                                                                     tmp_path, cache):
+    """--save-every 1; the run kills itself (SIGKILL) right after its N-th mid-stage save, or halfway through
+    writing it. The re-run prints where it resumes, inside the stage, and ends with exactly the uninterrupted run's
+    results.json, per-step metrics and final weights (CPU, one thread; under torchrun against an uninterrupted
+    torchrun run)."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)) \
+        if procs > 1 else (sys.executable,)
+    if procs > 1:
+        out_a = tmp_path / "uninterrupted"
+        ok(train(*ALGOS[algo], out=out_a, cache=cache, launcher=launcher))
+    else:
+        out_a, _ = smoke_run(algo)
+    (tmp_path / "killer.py").write_text(KILLER)
+    out = tmp_path / "out"
+    flags = [*SMOKE, *ALGOS[algo], "--save-every", "1", "--out", str(out), "--cache-dir", str(cache)]
+    env = ENV | {"KILL_AFTER": str(after), "KILL_TORN": "1" if torn else "0"}
+    killed = subprocess.run([*launcher, str(tmp_path / "killer.py"), *flags], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not (out / "results.json").exists(), killed.stderr[-2000:]
+    schedule, stage, step = where
+    resumed = ok(subprocess.run([*launcher, "train.py", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                timeout=300))
+    assert f"resuming {schedule} {stage} at step {step}" in resumed.stdout + resumed.stderr
+    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
+
+    def step_rows(path):
+        return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat")]
+    assert step_rows(out / "metrics.jsonl") == step_rows(out_a / "metrics.jsonl")
+    for name, state in final_state(out).items():
+        expected = final_state(out_a)[name]
+        assert all(torch.equal(state[k], expected[k]) for k in expected), name
+    assert not [n for n in os.listdir(out) if n.endswith(".step.pt")]  # spent at each stage's end
 
 
 def test_rerunning_a_finished_run_reproduces_its_results(smoke_run, tmp_path, cache):

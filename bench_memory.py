@@ -1,0 +1,134 @@
+"""Host memory of loading a model under `torchrun --fsdp`: the peak resident set summed over all of a run's processes
+(the torchrun agent and every rank), from its start to its first optimizer step, for 1, 2 and 4 processes.
+
+    python bench_memory.py                          # a random 94M-parameter Hugging Face checkpoint, DPO, 1 2 4 procs
+    python bench_memory.py --procs 1 2 --algo ppo   # PPO also loads the SFT model and the reward model
+    python bench_memory.py --repo ../old-checkout   # the same measurement of another checkout's train.py
+
+Each process costs its interpreter (`import torch` and train.py's modules, measured here too) plus what it holds of
+the weights; the figure to read is what one more rank adds above its interpreter, in copies of the fp32 weights.
+The checkpoint, tokenizer and data are written to a temporary directory first (not timed, not counted).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import checkpoint
+import data
+from model import ModelArgs, Transformer
+
+
+def tree_rss(root_pid):
+    """Resident set of root_pid and all its descendants, in bytes (Linux /proc)."""
+    children, rss = {}, 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+        except OSError:
+            pass
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                rss += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+        except (OSError, StopIteration):
+            pass
+    return rss
+
+
+def peak_until(cmd, cwd, env, done, timeout):
+    """Run cmd; sample the tree's RSS every 20 ms until done() or exit; kill it; return the peak in bytes."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    peak, deadline = 0, time.time() + timeout
+    try:
+        while p.poll() is None and not done() and time.time() < deadline:
+            peak = max(peak, tree_rss(p.pid))
+            time.sleep(0.02)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+        _, err = p.communicate()
+    if not done():
+        sys.exit(f"bench_memory.py: the run ended before its first optimizer step:\n{err[-3000:]}")
+    return peak
+
+
+def first_step(out):
+    def done():
+        path = os.path.join(out, "metrics.jsonl")
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            return any('"loss"' in line and '"two-stage"' in line for line in f)
+    return done
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--algo", choices=["dpo", "ppo"], default="dpo")
+    p.add_argument("--repo", default=os.path.dirname(os.path.abspath(__file__)), help="whose train.py to run")
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--n-layers", type=int, default=7)
+    p.add_argument("--timeout", type=float, default=900)
+    args = p.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench_memory_")
+    try:
+        words = "red green blue cat dog bird one two three four".split()
+        ifa = [{"prompt": f"say {words[i % 10]} {words[3 * i % 10]}", "response": f"{words[3 * i % 10]} {words[i % 10]}"}
+               for i in range(80)]
+        hpa = [{"prompt": f"name {words[i % 10]}", "chosen": words[i % 10], "rejected": f"{words[(i + 1) % 10]} no"}
+               for i in range(64)]
+        data.save_records(os.path.join(tmp, "ifa.jsonl"), ifa)
+        data.save_records(os.path.join(tmp, "hpa.jsonl"), hpa)
+        tok = data.train_tokenizer([json.dumps(r) for r in ifa + hpa], cache_dir=os.path.join(tmp, "tok"))
+        torch.manual_seed(0)
+        margs = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, vocab_size=tok.vocab_size,
+                          multiple_of=256, max_seq_len=128)
+        model, hf = Transformer(margs), os.path.join(tmp, "hf")
+        checkpoint.export_hf(model, hf, tok.bos_id, tok.eos_id)
+        shutil.copy(next(f for f in os.scandir(os.path.join(tmp, "tok")) if f.name.endswith(".model")).path,
+                    os.path.join(hf, "tokenizer.model"))
+        n_params = sum(t.numel() for t in model.parameters())
+        copy_gb = n_params * 4 / 1e9
+        del model
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env["OMP_NUM_THREADS"] = "1"
+        base = peak_until([sys.executable, "-c", "import torch, train, time; open('ready', 'w'); time.sleep(60)"],
+                          tmp, env | {"PYTHONPATH": args.repo}, lambda: os.path.exists(os.path.join(tmp, "ready")), 120)
+        print(f"model: {n_params / 1e6:.1f}M parameters, {copy_gb:.2f} GB in fp32; one interpreter "
+              f"(import torch + train.py): {base / 1e9:.2f} GB; {args.algo}, --fsdp, run from {args.repo}")
+        print("| processes | peak RSS, all processes (GB) | per extra rank above its interpreter (GB) | "
+              "in copies of the weights |")
+        print("|---|---|---|---|")
+        first = None
+        for n in args.procs:
+            out = os.path.join(tmp, f"out{n}")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                   "train.py", "--fsdp", "--algo", args.algo, "--model", hf, "--ifa-data", os.path.join(tmp, "ifa.jsonl"),
+                   "--hpa-data", os.path.join(tmp, "hpa.jsonl"), "--schedule", "two-stage", "--n-splits", "1",
+                   "--batch-size", "8", "--rollout-batch", "8", "--minibatch", "8", "--epochs-ifa", "1",
+                   "--epochs-hpa", "1", "--rm-epochs", "1", "--max-seq-len", "64", "--max-new-tokens", "8",
+                   "--n-test", "8", "--device", "cpu", "--out", out]
+            peak = peak_until(cmd, args.repo, env, first_step(out), args.timeout)
+            first = (n, peak) if first is None else first
+            extra = (peak - first[1]) / (n - first[0]) - base if n > first[0] else None
+            print(f"| {n} | {peak / 1e9:.2f} | " + ("-" if extra is None else f"{extra / 1e9:.2f}") + " | "
+                  + ("-" if extra is None else f"{extra / 1e9 / copy_gb:.2f}") + " |", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
