@@ -92,6 +92,8 @@ class Rollout(NamedTuple):
     advantages   (B, Tr)     float GAE, whitened over valid tokens
     returns      (B, Tr)     float GAE advantages (before whitening) + values: the critic's target
     scores       (B,)        float RM score at the last response token (eos_penalty if no EOS)
+    The release's variant (§4.3) fills rewards with release_token_rewards, advantages with their queue-whitened
+    values and scores with the RM score clipped to ±reward_clip; values and returns are 0 (no critic).
 
     Alignment, a 5-token example: prompt [bos] left-padded to Tq = 2, response [a, eos] right-padded to Tr = 3.
 
