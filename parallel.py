@@ -7,7 +7,9 @@ Every model a run trains or consults is placed by `place`. With --fsdp it is sha
 each transformer block, then on the whole), so a GPU holds 1/world of its weights, gradients, AdamW moments and EWC
 anchor (memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict() holds
 shards: hence copy_of, full_state, load_full_state and gathered, each of which is the plain one-liner it stands for
-when --fsdp is off. The training loop reaches DDP and FSDP only through wrap, grad_sync and clip_grad_norm.
+when --fsdp is off. The training loop reaches DDP and FSDP only through wrap, grad_sync and clip_grad_norm. Under
+--fsdp only rank 0 reads a model file (`lean`): the other ranks build it on the meta device and `place` gives them
+their shards from rank 0's copy, so a node holds one copy of the weights in host memory, not one per rank.
 """
 import itertools
 import os
