@@ -19,6 +19,7 @@ import dpo
 import hbat
 import parallel
 import reward
+import rundir
 from model import ModelArgs, Transformer
 
 
@@ -87,12 +88,14 @@ def sft_model(args, rt, base, ifa_ex, tok, log, run_stage):
         with torch.device("meta"):  # no copy of the weights: place fills it from rank 0's base
             model = Transformer(base.args)
         model = parallel.place(rt, model, base.state_dict())
+        mid = rundir.MidStage(args.out, "sft", 0, 0, args.save_every, rt)  # --save-every: resume inside it too
         run_stage(args, rt, hbat.two_stage(args.epochs_ifa, args.epochs_hpa)[0], model, None,
                   {"ifa": hbat.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
-                  lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}), None)
+                  lambda step, m: log({"schedule": "sft", "stage": "IFA", "stage_index": 0, "step": step, **m}), mid)
         state = parallel.full_state(rt, model)
         if rt.rank == 0:
             checkpoint.save(asdict(base.args), state, path)
+        mid.clear()
         parallel.barrier(rt)
     sft = parallel.lean(rt, lambda: Transformer.from_pretrained(path), lambda margs: Transformer(ModelArgs(**margs)))
     return sft if rt.fsdp else sft.to(rt.device)
@@ -107,19 +110,21 @@ def train_reward_model(args, rt, sft, hpa_ex, log, optimize):
     train_ex, val_ex = hpa_ex[:-n_val], hpa_ex[-n_val:]
     if not os.path.exists(path):
         torch.manual_seed(hbat.stage_seed(args.seed, "rm"))
+        mid = rundir.MidStage(args.out, "reward", 0, 0, args.save_every, rt)
         rm = reward.RewardModel(sft)  # the SFT model is not needed after this
         rm = parallel.place(rt, rm, rm.state_dict())
         local, batch = data.shard_of(train_ex, rt.rank, rt.world), args.batch_size // rt.world
         optimize(rm, lambda m, b: reward.rm_step_loss(m, b[1], b[2]),
                  data.batches_of(local, batch, args.rm_epochs, hbat.stage_seed(args.seed, "rm"), data.hpa_batch,
                                  args.grad_accum, rt.device),
-                 data.n_batches(len(local), batch, args.rm_epochs), args.lr_ifa, "reward model", rt, args.warmup,
-                 args.grad_clip,
+                 data.n_batches(len(local), batch, args.rm_epochs), args.lr_ifa, "RM", rt, args.warmup,
+                 args.grad_clip, mid=mid,
                  log=lambda step, m: log({"schedule": "reward", "stage": "RM", "stage_index": 0, "step": step, **m}))
         reward.set_offset(rm, train_ex, args.batch_size, rt.device)
         state = parallel.full_state(rt, rm)
         if rt.rank == 0:
             checkpoint.save(asdict(rm.args), state, path)
+        mid.clear()
         parallel.barrier(rt)
     rm = parallel.lean(rt, lambda: reward.RewardModel.from_pretrained(path),
                        lambda margs: reward.RewardModel(Transformer(ModelArgs(**margs))))

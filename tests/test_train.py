@@ -368,11 +368,14 @@ def final_state(out):
     ("dpo", 3, False, 1, ("two-stage", "IFA", 3)),       # inside an IFA stage (8 steps)
     ("dpo", 11, False, 1, ("two-stage", "HPA", 3)),      # inside a DPO stage (8 steps)
     ("dpo", 5, True, 1, ("two-stage", "IFA", 4)),        # during the write of step 5: step 4's file is what is left
-    ("ppo", 10, False, 1, ("two-stage", "HPA", 4)),      # between PPO rollouts (4 rollouts of 2 updates)
-    ("ppo-release", 18, False, 1, ("hbat", "HPA_2", 2)),  # after the one rollout of an hbat HPA stage, penalised
+    ("ppo", 3, False, 1, ("sft", "IFA", 3)),             # PPO's SFT model (8 steps) ...
+    ("ppo", 11, False, 1, ("reward", "RM", 3)),          # ... and its reward model (8 steps), trained before
+    ("ppo", 26, False, 1, ("two-stage", "HPA", 4)),      # between PPO rollouts (4 rollouts of 2 updates)
+    ("ppo-release", 34, False, 1, ("hbat", "HPA_2", 2)),  # after the one rollout of an hbat HPA stage, penalised
     ("dpo", 13, False, 2, ("two-stage", "HPA", 5)),      # torchrun, 2 processes
-    ("ppo --fsdp", 10, False, 2, ("two-stage", "HPA", 4)),  # torchrun --fsdp: AdamW's state gathered and re-sharded
-], ids=["ifa", "dpo", "torn-write", "ppo-between-rollouts", "release-end-of-stage", "torchrun", "fsdp"])
+    ("ppo --fsdp", 26, False, 2, ("two-stage", "HPA", 4)),  # torchrun --fsdp: AdamW's state gathered and re-sharded
+], ids=["ifa", "dpo", "torn-write", "sft", "reward-model", "ppo-between-rollouts", "release-end-of-stage", "torchrun",
+        "fsdp"])
 def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after, torn, procs, where, smoke_run,
                                                                      tmp_path, cache):
     """--save-every 1; the run kills itself (SIGKILL) right after its N-th mid-stage save, or halfway through
@@ -400,7 +403,7 @@ def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after,
     assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
 
     def step_rows(path):
-        return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat")]
+        return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat", "sft", "reward")]
     assert step_rows(out / "metrics.jsonl") == step_rows(out_a / "metrics.jsonl")
     for name, state in final_state(out).items():
         expected = final_state(out_a)[name]
