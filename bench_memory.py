@@ -32,8 +32,8 @@ def tree_rss(root_pid):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
-        except OSError:
-            pass
+        except OSError:  # the process ended while we looked
+            continue
     todo = [root_pid]
     while todo:
         pid = todo.pop()
@@ -41,8 +41,8 @@ def tree_rss(root_pid):
         try:
             with open(f"/proc/{pid}/status") as f:
                 rss += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
-        except (OSError, StopIteration):
-            pass
+        except (OSError, StopIteration):  # ended, or a zombie without VmRSS
+            continue
     return rss
 
 

@@ -94,11 +94,13 @@ def load_schedule(out, name, map_location):
 
 
 def completed_stages(out, names):
-    """{schedule: how many of its stages its checkpoint holds} (0 without one). Memory-mapped: only the history is
-    read, not the weights."""
+    """{schedule: how many of its stages its checkpoint holds} (0 without one), and PPO's SFT and reward models
+    ("sft", "reward": 1 once written), for MetricsLog.keep_only. Memory-mapped: only the history is read."""
     paths = {name: schedule_path(out, name) for name in names}
     return {name: len(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["history"])
-            if os.path.exists(p) else 0 for name, p in paths.items()}
+            if os.path.exists(p) else 0 for name, p in paths.items()} | {
+        name: int(os.path.exists(os.path.join(out, file))) for name, file in (("sft", "sft.pt"),
+                                                                             ("reward", "reward_model.pt"))}
 
 
 def save_schedule(out, name, model_args, state, ewc_state, history, steps, critic_state=None):

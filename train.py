@@ -366,9 +366,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # data.DataError is a ValueError
         die(str(e))
     config.check_sizes(args, len(ifa_ex), len(hpa_ex))
-    done = rundir.completed_stages(args.out, args.schedules) | {  # PPO's SFT and reward models: done once written
-        name: int(os.path.exists(os.path.join(args.out, file))) for name, file in (("sft", "sft.pt"),
-                                                                                  ("reward", "reward_model.pt"))}
+    done = rundir.completed_stages(args.out, args.schedules)
     log.keep_only(done, {name: rundir.mid_stage_step(args.out, name, n) for name, n in done.items()})
     if rt.rank == 0:
         rundir.write_tokenizer(args.out, tok)
