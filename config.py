@@ -47,8 +47,8 @@ def get_args(argv=None):
     a = p.add_argument
     # what to run
     a("--algo", choices=["dpo", "ppo"], default="dpo", help="HPA objective: DPO on pairs, or PPO against a reward model")
-    a("--schedule", default="both", help="comma-separated schedules from hbat.py (two-stage, hbat, multi-task); "
-      "'both' = two-stage,hbat (the reproduction)")
+    a("--schedule", default="both", help="comma-separated schedules from hbat.py (two-stage, hbat, multi-task, "
+      "averaged, rpo, alright); 'both' = two-stage,hbat (the reproduction)")
     a("--preset", choices=list(PRESETS), default="default", help="sizes and rates for flags marked 'preset'")
     a("--out", default="out", help="output dir: results.json, metrics.jsonl, checkpoints; re-running resumes")
     a("--overwrite", action="store_true", help="start afresh in an --out whose saved config differs")
@@ -112,6 +112,12 @@ def get_args(argv=None):
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO: assumed share of flipped labels")
     a("--ipo", action="store_true", help="IPO loss instead of DPO")
     a("--live-ref", action="store_true", help="keep a live reference model instead of cached log-probs")
+    a("--rpo-alpha", type=float, default=1.0, help="rpo: weight of the chosen answer's mean token NLL added to the "
+      "DPO loss (§7.2; TRL's rpo_alpha)")
+    a("--average-alphas", default="0,0.25,0.5,0.75,1", help="averaged: the α of (1 − α)·SFT + α·two-stage to "
+      "evaluate, comma-separated (§7.1)")
+    a("--grad-probe", type=int, default=32, help="DPO: at the start of every stage, the cosine between the IFA and "
+      "the DPO gradient on the first K demonstrations and pairs (§7.4; 0: off)")
     # PPO (§4.2)
     a("--ppo-variant", choices=["textbook", "release"], default="textbook", help="PPO: textbook PPO with a critic "
       "(§4.2), or the paper's release's critic-free variant (§4.3): decayed sequence reward, queue whitening, "
@@ -185,8 +191,19 @@ def check_args(args, p):
         p.error("--critic-restart applies to textbook PPO: --ppo-variant release has no critic")
     if args.release_absolute_positions and args.ppo_variant != "release":
         p.error("--release-absolute-positions applies to --ppo-variant release")
-    if args.algo == "ppo" and "multi-task" in schedules:
-        p.error("--schedule multi-task needs an offline HPA loss: use it with --algo dpo")
+    for s in schedules:
+        if args.algo == "ppo" and s in hbat.DPO_ONLY:
+            p.error(f"--schedule {s} needs an offline HPA loss: use it with --algo dpo")
+    if "averaged" in schedules and "two-stage" not in schedules:
+        p.error("--schedule averaged interpolates two-stage's models: list two-stage too")
+    try:
+        args.average_alphas = [float(x) for x in args.average_alphas.split(",")]
+    except ValueError:
+        p.error(f"--average-alphas: not a comma-separated list of numbers: {args.average_alphas!r}")
+    if not all(0 <= x <= 1 for x in args.average_alphas):
+        p.error(f"--average-alphas must lie in [0, 1], got {args.average_alphas}")
+    if args.rpo_alpha < 0 or args.grad_probe < 0:
+        p.error("--rpo-alpha and --grad-probe must be >= 0")
     if bool(args.ifa_data) != bool(args.hpa_data):
         p.error("--ifa-data and --hpa-data go together")
     if args.ifa_data and not args.model:

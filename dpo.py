@@ -100,8 +100,11 @@ def ifa_step_loss(model, tokens, mask):
     return loss, {"loss": loss.item()}
 
 
-def dpo_step_loss(model, tokens, mask, ref_logps, beta, label_smoothing=0.0, ipo=False, ref_model=None):
-    """DPO loss on an `data.hpa_batch` -> (loss, metrics).
+def dpo_step_loss(model, tokens, mask, ref_logps, beta, label_smoothing=0.0, ipo=False, ref_model=None,
+                  rpo_alpha=0.0):
+    """DPO loss on an `data.hpa_batch` -> (loss, metrics); with rpo_alpha = α > 0, RPO's (docs/method.md §7.2):
+    loss = mean DPO loss + α · sft_loss(chosen rows), the mean token NLL of the chosen answers (a mean over their
+    tokens, as TRL's rpo_alpha), logged as nll_chosen.
 
     tokens, mask: (2B, T), rows 0..B-1 chosen and B..2B-1 rejected, so chosen and rejected share one forward
     pass. ref_logps: (B, 2) rows of `reference_logps` for these pairs. With ref_model given instead (and
@@ -109,7 +112,8 @@ def dpo_step_loss(model, tokens, mask, ref_logps, beta, label_smoothing=0.0, ipo
     Metrics (python floats, means over pairs): loss, rewards/chosen, rewards/rejected, rewards/margin and
     rewards/accuracy, the share of pairs whose chosen reward is strictly above the rejected one.
     """
-    logps = model.token_logprobs(tokens, mask).sum(-1)  # (2B,)
+    token_logps = model.token_logprobs(tokens, mask)  # (2B, T)
+    logps = token_logps.sum(-1)  # (2B,)
     if ref_model is not None:
         with torch.no_grad():
             ref_logps = ref_model.token_logprobs(tokens, mask).sum(-1).view(2, -1).t()  # (B, 2)
@@ -125,4 +129,9 @@ def dpo_step_loss(model, tokens, mask, ref_logps, beta, label_smoothing=0.0, ipo
         "rewards/margin": margins.mean().item(),
         "rewards/accuracy": (margins > 0).float().mean().item(),
     }
+    if rpo_alpha:
+        n = len(logps) // 2
+        nll = sft_loss(token_logps[:n], mask[:n])
+        loss = loss + rpo_alpha * nll
+        metrics |= {"loss": loss.item(), "nll_chosen": nll.item()}
     return loss, metrics

@@ -157,9 +157,9 @@ def table(results):
     cols = ["ifa_score", "hpa_score", "rm_score", "styled", "no_eos", "repetition", "length"]
     runs = results["schedules"]
     cols = [c for c in cols if any(c in r["metrics"] for r in runs.values())]
-    lines = [f"{'schedule':<12}" + "".join(f"{c:>12}" for c in cols) + f"{'win vs 2-stage':>16}"]
+    lines = [f"{'schedule':<14}" + "".join(f"{c:>12}" for c in cols) + f"{'win vs 2-stage':>16}"]
     for name, r in runs.items():
         win = results["win_rates"].get(f"{name}_vs_two-stage")
-        lines.append(f"{name:<12}" + "".join(f"{r['metrics'].get(c, float('nan')):>12.3f}" for c in cols)
+        lines.append(f"{name:<14}" + "".join(f"{r['metrics'].get(c, float('nan')):>12.3f}" for c in cols)
                      + (f"{win:>16.3f}" if win is not None else f"{'-':>16}"))
     return "\n".join(lines)

@@ -9,6 +9,12 @@ the lists below is reading the paper's Figure 1:
                 with the modified EWC penalty on every stage but IFA_1                  (§3.2)
     multi-task  one stage; each step sums an IFA loss and an HPA loss                    (§2.4)
 
+and the cheap alternatives a reader asks about next (docs/method.md §7):
+
+    averaged    no training: (1 − α)·θ_SFT + α·θ_two-stage for each α of --average-alphas   (weight averaging)
+    rpo         two-stage whose HPA stage adds α·NLL of the chosen answer to DPO              (RPO)
+    alright     one stage that alternates IFA and DPO steps, one batch each                  (ALRIGHT)
+
 "Hbat without EWC" (alternation alone) is `hbat` with `--ewc none`; the other EWC variants (original, freeze,
 random) come through `--ewc` too, since they change how a stage is protected, not the order of the stages.
 `split` cuts D_IFA and D_HPA into the N subsets (§2.2 step 1); `stage_seed` seeds each stage's randomness.
@@ -17,16 +23,19 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-SCHEDULES = ("two-stage", "hbat", "multi-task")
+SCHEDULES = ("two-stage", "hbat", "multi-task", "averaged", "rpo", "alright")
+DPO_ONLY = ("multi-task", "rpo", "alright")  # they need an offline HPA loss
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str    # what the logs and results.json call it: "IFA_1", "HPA_1", "IFA", "MT"
-    kind: str    # "ifa" (SFT on demonstrations), "hpa" (DPO or PPO on preferences), "multi" (both at once)
+    kind: str    # "ifa" (SFT on demonstrations), "hpa" (DPO or PPO on preferences), "multi" (both at once),
+                 # "alternate" (IFA and DPO steps in turn)
     subset: int  # which of the N data subsets the stage trains on (docs/method.md §2.2 step 1)
     epochs: int  # passes over that subset
     ewc: bool    # whether the stage is held near its start by the other objective's importance (§3.2)
+    rpo_alpha: float = 0.0  # weight of the chosen answer's NLL added to the DPO loss (rpo; §7.2)
 
 
 def two_stage(e_ifa: int, e_hpa: int) -> list[Stage]:
@@ -50,6 +59,35 @@ def multi_task(e_ifa: int, e_hpa: int) -> list[Stage]:
     return [Stage("MT", "multi", 0, e_ifa, ewc=False)]
 
 
+def rpo(e_ifa: int, e_hpa: int, alpha: float) -> list[Stage]:
+    """§7.2: two-stage, its DPO stage with α·(mean token NLL of the chosen answers) added (Pang et al. 2024)."""
+    ifa, hpa = two_stage(e_ifa, e_hpa)
+    return [ifa, Stage("HPA", "hpa", 0, e_hpa, ewc=False, rpo_alpha=alpha)]
+
+
+def alright(e_ifa: int, e_hpa: int) -> list[Stage]:
+    """§7.3: one stage over both datasets that takes an IFA step, then a DPO step, and so on (Fernando et al.
+    2024): every IFA batch of E_IFA passes and every DPO batch of E_HPA passes once, as in two-stage, interleaved
+    evenly when their numbers differ. `epochs` counts passes over D_IFA; the HPA passes are e_hpa."""
+    return [Stage("ALT", "alternate", 0, e_ifa, ewc=False)]
+
+
+def interleave(n_a: int, n_b: int) -> list[int]:
+    """The order of alright's steps: n_a zeros (IFA) and n_b ones (DPO) spread evenly, starting with IFA; each
+    kind keeps its own batch order. Example: (3, 3) -> [0, 1, 0, 1, 0, 1]; (2, 4) -> [0, 1, 1, 0, 1, 1]."""
+    total = n_a + n_b
+    # step k is IFA where ceil(share of IFA steps due after k + 1 steps) goes up: exactly n_a of them
+    return [0 if -(-(k + 1) * n_a // total) > -(-k * n_a // total) else 1 for k in range(total)]
+
+
+def average(sft: dict, final: dict, alpha: float) -> dict:
+    """§7.1, weight averaging (Lin et al. 2024): the state_dict (1 − α)·θ_SFT + α·θ_final, tensor by tensor, in
+    fp32 so that α = 0 gives θ_SFT and α = 1 gives θ_final bit for bit."""
+    if sft.keys() != final.keys():
+        raise ValueError("averaged: the two models have different tensors")
+    return {k: ((1 - alpha) * sft[k].float() + alpha * final[k].float()).to(sft[k].dtype) for k in sft}
+
+
 def split(items: list, n: int, seed: int) -> list[list]:
     """§2.2 step 1: N disjoint seeded random subsets that together hold every item; sizes differ by at most one,
     the first len(items) % n subsets one larger (10 items, N = 4 -> 3, 3, 2, 2)."""
@@ -62,14 +100,22 @@ def split(items: list, n: int, seed: int) -> list[list]:
     return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
 
 
-def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool) -> tuple[list[Stage], int]:
-    """Return (stages, number of data subsets the schedule splits each dataset into)."""
+def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool, rpo_alpha: float = 1.0
+          ) -> tuple[list[Stage], int]:
+    """Return (stages, number of data subsets the schedule splits each dataset into). `averaged` trains nothing
+    (train.py evaluates it from two-stage's models): no stages."""
     if name == "two-stage":
         return two_stage(e_ifa, e_hpa), 1
     if name == "hbat":
         return hbat(n, e_ifa, e_hpa, use_ewc), n
     if name == "multi-task":
         return multi_task(e_ifa, e_hpa), 1
+    if name == "rpo":
+        return rpo(e_ifa, e_hpa, rpo_alpha), 1
+    if name == "alright":
+        return alright(e_ifa, e_hpa), 1
+    if name == "averaged":
+        return [], 1
     raise ValueError(f"--schedule: unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")
 
 

@@ -185,6 +185,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--taxes", type=float, nargs="+", default=[0.5, 0.0], help="annotator-bias knob c values")
     p.add_argument("--only", choices=["main", "ablations", "all"], default="all")
+    p.add_argument("--schedules", help="train.py --schedule of the main runs (default: two-stage,hbat,multi-task "
+                   "with dpo, two-stage,hbat with ppo); e.g. add averaged,rpo,alright")
     p.add_argument("--ablations", nargs="+", metavar="NAME", choices=[name for name, _ in ABLATIONS] + ["strengths"],
                    help="run only these ablations (default: all but the strength grid; 'strengths': the grid of "
                    "every protection method at every multiplier)")
@@ -219,7 +221,7 @@ def main():
     for c in args.taxes:
         for seed in args.seeds:
             out = f"{root}/main_c{c}_s{seed}"
-            schedules = "two-stage,hbat,multi-task" if args.algo == "dpo" else "two-stage,hbat"  # multi-task: DPO only
+            schedules = args.schedules or ("two-stage,hbat,multi-task" if args.algo == "dpo" else "two-stage,hbat")
             res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule", schedules,
                                   "--eval-every", str(args.eval_every)])
             if res is None:

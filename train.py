@@ -26,7 +26,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import checkpoint
 import config
+import conflict
 import data
 import dpo
 import evaluate
@@ -87,23 +89,26 @@ def adamw(module, lr):
 
 
 def means(rows, prefix=""):
-    """The mean of each metric over a stage's rows of metrics (all with the same keys): what the stage reports."""
-    return {prefix + k: sum(r[k] for r in rows) / len(rows) for k in (rows[0] if rows else {})}
+    """The mean of each metric over the rows of a stage that have it (alright's IFA and DPO steps log different
+    metrics): what the stage reports."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {prefix + k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
 
 
 def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None, mid=None):
-    """One stage: one train_step per batch, (micro-batches, their shares), the lr warmed up and decayed over
-    n_steps; `mid` (rundir.MidStage) saves its progress every --save-every steps and resumes from it. Returns (the
+    """One stage: one train_step per batch, (micro-batches, their shares), the peak lr (a number, or step -> number)
+    warmed up and decayed over n_steps; `mid` (rundir.MidStage) saves its progress every --save-every steps and resumes from it. Returns (the
     stage's mean metrics, the number of steps taken)."""
-    opt, model, rows, start = adamw(module, lr), parallel.wrap(rt, module), [], 0
+    peak = lr if callable(lr) else lambda step: lr
+    opt, model, rows, start = adamw(module, peak(0)), parallel.wrap(rt, module), [], 0
     if mid and (progress := mid.restore(module, opt, name)):
         start, rows = progress["step"], progress["rows"]
     bar = dict(desc=name, total=n_steps, initial=start, leave=False, position=2, disable=None if rt.rank == 0 else True)
     # a resumed stage skips the batches it trained on: the same order, and the same examples counted
     for step, (micros, shares) in enumerate(tqdm(itertools.islice(batches, start, None), **bar), start):
         try:
-            m = train_step(model, opt, loss_fn, micros, shares, lr * lr_at(step, n_steps, warmup), grad_clip, rt,
-                           ewc, module)
+            m = train_step(model, opt, loss_fn, micros, shares, peak(step) * lr_at(step, n_steps, warmup), grad_clip,
+                           rt, ewc, module)
         except FloatingPointError as e:
             raise FloatingPointError(f"{name}: {e} at step {step}") from None
         rows.append({k: v for k, v in m.items() if k != "lr"})  # the stage reports its mean metrics, not its lr
@@ -220,12 +225,32 @@ def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log,
     def dpo_loss(model, batch):
         idx, tokens, mask = batch
         return dpo.dpo_step_loss(model, tokens, mask, None if args.live_ref else ref_logps[idx], args.beta,
-                                 args.label_smoothing, ipo=args.ipo, ref_model=ref_model)
+                                 args.label_smoothing, ipo=args.ipo, ref_model=ref_model, rpo_alpha=stage.rpo_alpha)
 
     if stage.kind == "hpa":
         m, steps = optimize(model, dpo_loss, batches(hpa, stage.epochs, data.hpa_batch, seed + 1, "hpa"),
                             data.n_batches(len(hpa), local, stage.epochs), args.lr_hpa, stage.name, **fit)
         return m, steps, seen["hpa"]
+
+    if stage.kind == "alternate":  # §7.3 alright: every IFA and every DPO batch once, one step each, in turn
+        ifa_batches = batches(ifa, stage.epochs, data.ifa_batch, seed, "ifa")
+        hpa_batches = batches(hpa, args.epochs_hpa, data.hpa_batch, seed + 1, "hpa")
+        order = hbat.interleave(data.n_batches(len(ifa), local, stage.epochs),
+                                data.n_batches(len(hpa), local, args.epochs_hpa))  # 0: an IFA step, 1: a DPO step
+
+        def turns():
+            for kind in order:
+                micros, shares = next(hpa_batches if kind else ifa_batches)
+                yield [(kind, micro) for micro in micros], shares
+
+        def turn_loss(model, batch):
+            kind, micro = batch
+            loss, m = (dpo_loss if kind else ifa_loss)(model, micro)
+            return loss, {("hpa/" if kind else "ifa/") + k: v for k, v in m.items()}
+
+        m, steps = optimize(model, turn_loss, turns(), len(order), lambda step: args.lr_hpa if order[step] else
+                            args.lr_ifa, stage.name, **fit)
+        return m, steps, seen["ifa"] + seen["hpa"]
 
     # §2.4 multi-task: every IFA batch with an HPA batch, cycling the HPA batches (E_HPA passes over D_HPA)
     hpa_list = list(data.batches_of(hpa, local, args.epochs_hpa, seed + 1, data.hpa_batch, args.grad_accum,
@@ -256,6 +281,12 @@ def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log,
 # one schedule: walk its stages (hbat.py), a checkpoint after each
 
 
+def on_meta(margs):
+    """An unplaced model of this shape on the meta device (no memory): parallel.place fills it."""
+    with torch.device("meta"):
+        return Transformer(margs)
+
+
 def evaluate_model(rt, model, tok, test, world, args, rm, judge):
     """evaluate.evaluate on the gathered model (under FSDP every rank takes part; else only rank 0 calls this)."""
     with parallel.gathered(rt, model):
@@ -266,15 +297,14 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
     """Train one schedule from the base, resuming after its last completed stage. Returns (model, stage records,
     (metrics, rows) of the last stage's evaluation, or None when every stage had been run before)."""
     tok, ifa_ex, hpa_ex, test, world = task
-    stages, n = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, use_ewc=args.ewc != "none")
+    stages, n = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none", args.rpo_alpha)
     subsets = {"ifa": hbat.split(ifa_ex, n, args.seed), "hpa": hbat.split(hpa_ex, n, args.seed)}
     ewc = ewc_lib.EWC(method=args.ewc, f_max=args.f_max, f_max_ifa=args.f_max_ifa, lam=args.ewc_lambda,
                       norm=args.ewc_norm, scale=args.ewc_scale, elementwise=args.ewc_elementwise,
                       seed=args.seed) if name == "hbat" else None
 
-    def fresh():  # an unplaced model of the schedule's shape, on the meta device: place fills it
-        with torch.device("meta"):
-            return Transformer(base.args)
+    def fresh():  # an unplaced model of the schedule's shape
+        return on_meta(base.args)
 
     def new_critic():  # PPO's value network starts as a copy of the reward model (ppo.make_critic says why)
         return ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(rt, m, lambda: reward.RewardModel(fresh())))
@@ -301,6 +331,11 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
                 log({**where, "step": step0 + step,
                      **{f"eval/{k}": quick[k] for k in ("ifa_score", "hpa_score") if k in quick}})
 
+        probe = {}
+        if args.algo == "dpo" and args.grad_probe:  # §7.4: does a step on one objective undo the other?
+            probe = dict(zip(("grad_cosine", "grad_cosine_blocks"), conflict.grad_cosine(
+                model, [ex[:2] for ex in ifa_ex[:args.grad_probe]], [ex[:3] for ex in hpa_ex[:args.grad_probe]],
+                args.beta, rt.device, rt.autocast(), sharded=rt.fsdp)))
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)  # the anchor θ* is the model at the start of the stage
         if (args.algo, args.ppo_variant, stage.kind) == ("ppo", "textbook", "hpa") and (critic is None
@@ -313,7 +348,8 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
             path = mid.path if mid.saved() else rundir.schedule_path(args.out, name)
             die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
                                             "it has no checkpoint yet"), code=1)
-        record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples}
+        record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples,
+                  **probe}
         if ewc is not None and ewc.active:  # the penalty's strength: Σ_n F_n, and L_EWC where the stage ended
             with torch.no_grad():
                 end = parallel.mean_over_ranks({"p": ewc.penalty(model).item()}, rt)["p"] * (rt.world if rt.fsdp else 1)
@@ -339,6 +375,8 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
                        + f" ({time.time() - t0:.1f}s)")
             rundir.save_schedule(args.out, name, asdict(base.args), state, ewc.state_dict() if ewc else {}, history,
                                  step0, critic_state)
+            if (name, i) == ("two-stage", 0) and not os.path.exists(sft_path := os.path.join(args.out, "sft.pt")):
+                checkpoint.save(asdict(base.args), state, sft_path)  # the SFT model, that `averaged` starts from
         mid.clear()
         parallel.barrier(rt)
     return model, history, last_eval
@@ -384,12 +422,26 @@ def main(argv=None):
         rm, rm_acc = None, None
     results = {"algo": args.algo, "config": config.run_config(args), "reward_model_accuracy": rm_acc,
                "schedules": {}, "win_rates": {}}
-    answers = {}
-    for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
-        model, history, last_eval = run_schedule(args, rt, name, base, (tok, ifa_ex, hpa_ex, test, world), rm,
-                                                 judge, log.write)
-        if rt.evaluates and last_eval is None:  # finished by an earlier run: its answers were not kept
-            last_eval = evaluate_model(rt, model, tok, test, world, args, rm, judge)
+    answers, trained = {}, [name for name in args.schedules if name != "averaged"]
+
+    def models():  # (name, model, stage records, evaluation): each schedule trained, then `averaged` at every α
+        for name in tqdm(trained, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
+            model, history, last_eval = run_schedule(args, rt, name, base, (tok, ifa_ex, hpa_ex, test, world), rm,
+                                                     judge, log.write)
+            if rt.evaluates and last_eval is None:  # finished by an earlier run: its answers were not kept
+                last_eval = evaluate_model(rt, model, tok, test, world, args, rm, judge)
+            yield name, model, history, last_eval
+            if name == "two-stage" and "averaged" in args.schedules:
+                final = parallel.full_state(rt, model)
+        if "averaged" in args.schedules:  # §7.1: no training, (1 − α)·θ_SFT + α·θ_two-stage for each α
+            sft = prepare.sft_model(args, rt, base, ifa_ex, tok, log.write, run_stage)  # two-stage's IFA stage
+            for alpha in args.average_alphas:
+                model = parallel.place(rt, on_meta(base.args), hbat.average(sft.state_dict(), final, alpha)
+                                       if rt.rank == 0 or not rt.fsdp else None)
+                yield f"averaged@{alpha:g}", model, [], evaluate_model(rt, model, tok, test, world, args, rm, judge) \
+                    if rt.evaluates else None
+
+    for name, model, history, last_eval in models():
         state = parallel.full_state(rt, model) if args.export_hf else None
         if rt.evaluates:
             answers[name] = [r["response"] for r in last_eval[1]]

@@ -3,6 +3,7 @@ import os
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 
 # Tests import the top-level modules (model.py, data.py, ...) the way train.py does.
@@ -42,3 +43,9 @@ def random_pairs(n, seed, vocab_size=40, bos=1, eos=2):
     def words():
         return torch.randint(4, vocab_size, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
     return [([bos] + words(), words() + [eos], words() + [eos]) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """The --cache-dir of every train.py the tests run: the tiny base is pretrained once per session."""
+    return tmp_path_factory.mktemp("cache")

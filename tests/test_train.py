@@ -67,11 +67,6 @@ def comparable(results):
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, cache):
     """One uninterrupted `train.py --algo ALGO --preset smoke` per algo, shared by the tests that only read it."""
     runs = {}
