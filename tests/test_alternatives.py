@@ -230,3 +230,25 @@ def test_impossible_alternative_flags_exit_2_with_one_line(flags, named, tmp_pat
     assert named in line, line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.pt"))
 
+
+
+def test_the_study_report_of_the_alternatives(alternatives_run, tmp_path):
+    """study.py --alternatives over two bases (here the same run twice): every schedule has a row; averaging at
+    α = 1 is two-stage (a 0.5 win rate); the best α's head to head with itself is a tie; the plots are written when
+    matplotlib is there."""
+    import shutil
+    import study
+    roots = []
+    for b in ("a", "b"):
+        shutil.copytree(alternatives_run, tmp_path / b / "main_c0.5_s0")
+        roots.append(str(tmp_path / b))
+    study.alternatives(roots, str(tmp_path / "report"))
+    text = (tmp_path / "report" / "ALTERNATIVES.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    results = read_json(alternatives_run / "results.json")
+    for name in results["schedules"]:
+        assert name in rows, name
+    assert rows["averaged@1"][4] == "0.500 0.500"
+    best = text.split("best α of averaging per base: ")[1].split(",")[0]
+    assert rows[f"averaged@{best}"][6] == "0.500 0.500"
+    assert "grad_cosine" in text and "| hbat | IFA_1 " in text

@@ -83,3 +83,14 @@ def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| c=0.5 hbat ewc=none | 1 |" in proc.stdout
     assert not os.path.exists(tmp_path / "study" / "main_c0.5_s1")
+
+
+def test_frontier_gap_by_hand():
+    """The averaging line through (0, 1), (1, 0.6), (2, 0.8): a point at HPA 0.5 with IFA 0.9 lies 0.9 − 0.8 = +0.1
+    above it; at HPA 1.5 the segment (1, 0.6)–(2, 0.8) gives 0.7, so IFA 0.6 is −0.1; past the line's end: None. Where
+    two segments span a point, the higher one counts."""
+    curve = [(0.0, 1.0), (1.0, 0.6), (2.0, 0.8)]
+    assert study.frontier_gap(curve, (0.5, 0.9)) == pytest.approx(0.1)
+    assert study.frontier_gap(curve, (1.5, 0.6)) == pytest.approx(-0.1)
+    assert study.frontier_gap(curve, (2.5, 0.6)) is None
+    assert study.frontier_gap([(0.0, 0.0), (2.0, 1.0), (1.0, 2.0)], (1.5, 1.0)) == pytest.approx(1.0 - 1.5)
