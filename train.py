@@ -97,8 +97,8 @@ def means(rows, prefix=""):
 
 def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None, mid=None):
     """One stage: one train_step per batch, (micro-batches, their shares), the peak lr (a number, or step -> number)
-    warmed up and decayed over n_steps; `mid` (rundir.MidStage) saves its progress every --save-every steps and resumes from it. Returns (the
-    stage's mean metrics, the number of steps taken)."""
+    warmed up and decayed over n_steps; `mid` (rundir.MidStage) saves its progress every --save-every steps and
+    resumes from it. Returns (the stage's mean metrics, the number of steps taken)."""
     peak = lr if callable(lr) else lambda step: lr
     opt, model, rows, start = adamw(module, peak(0)), parallel.wrap(rt, module), [], 0
     if mid and (progress := mid.restore(module, opt, name)):

@@ -169,8 +169,8 @@ def test_torchrun_two_cpu_processes(tmp_path, cache):
 @pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
 def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
     """--fsdp (every model sharded over 2 gloo processes, the EWC anchor too) against DDP (whole copies) on the
-    same run: the same loss, EWC penalty and gradient norm at every logged step, and the same final weights, to
-    float rounding. Sharding moves where each number lives, never what it is. The FSDP run also recomputes every
+    same run: the same loss, EWC penalty and gradient norm at every logged step, the same gradient cosines at the
+    stages' starts, and the same final weights, to float rounding. Sharding moves where each number lives, never what it is. The FSDP run also recomputes every
     block in backward (--activation-checkpointing), which must not change a number either."""
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     runs = {}
@@ -193,6 +193,10 @@ def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["schedule"], a["stage"], a["step"], k)
                 compared += 1
     assert compared > 50 and any("ewc_penalty" in r and r["ewc_penalty"] > 0 for r in rows_fsdp)
+    if algo == "dpo":  # the gradient cosine: every rank's shards of the same probe's gradients, summed
+        for name in ckpt_ddp:
+            got = [st["grad_cosine"] for st in ckpt_fsdp[name]["history"]]
+            assert got == pytest.approx([st["grad_cosine"] for st in ckpt_ddp[name]["history"]], abs=1e-4), name
     for name in ckpt_ddp:
         a, b = ckpt_ddp[name]["model"], ckpt_fsdp[name]["model"]
         assert a.keys() == b.keys()  # saved whole, in the same layout: either run resumes the other's checkpoints
