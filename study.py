@@ -240,7 +240,7 @@ def alternatives(roots, out):
     report = "\n".join(lines)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "ALTERNATIVES.md"), "w") as f:
-        f.write(f"# Hbat against the cheap alternatives\n\n{report}\n\n{cosine_table(bases, trained)}\n")
+        f.write(f"# Hbat against the cheap alternatives\n\n{report}\n\n{cosine_table(bases, trained)}".rstrip() + "\n")
     print(report)
     plot_alternatives(out, bases, trained, averaged)
 
@@ -255,7 +255,7 @@ def cosine_table(bases, trained):
         cells = [f"{sts[0]['name']} {mean_std([s[i]['grad_cosine'] for s in every])}"
                  for i, sts in enumerate(zip(*every))]
         lines.append(f"| {name} | " + ", ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""  # PPO runs measure no cosine
 
 
 def plot_alternatives(out, bases, trained, averaged):
@@ -291,8 +291,11 @@ def plot_alternatives(out, bases, trained, averaged):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "tradeoff.png"), dpi=120)
 
-    cosine = [n for n in trained if all("grad_cosine" in st for runs in bases for r, _ in runs.values()
-                                        for st in r["schedules"][n]["stages"])]
+    # two-stage and hbat: rpo's IFA and HPA stages start where two-stage's do, multi-task and alright at the base
+    cosine = [n for n in ("two-stage", "hbat") if n in trained and all(
+        "grad_cosine" in st for runs in bases for r, _ in runs.values() for st in r["schedules"][n]["stages"])]
+    if not cosine:
+        return
     fig, axes = plt.subplots(1, len(bases), figsize=(4 * len(bases), 3.5), squeeze=False)
     for b, runs in enumerate(bases):
         ax = axes[0][b]
