@@ -43,12 +43,14 @@ def cosines(g_a, g_b, sharded=False):
     With `sharded` (FSDP: each rank holds a part of every tensor) the dot products and norms are summed over ranks
     first. A block whose gradients are both zero gets 0."""
     blocks = list(dict.fromkeys(block_of(n) for n in g_a))  # in the model's order: embeddings, layers, head
-    sums = torch.zeros(len(blocks), 3, dtype=torch.float64)  # per block: a·b, |a|², |b|²
+    device = next(iter(g_a.values())).device  # NCCL reduces only tensors on the GPU
+    sums = torch.zeros(len(blocks), 3, dtype=torch.float64, device=device)  # per block: a·b, |a|², |b|²
     for n in g_a:
         a, b = g_a[n].double().flatten(), g_b[n].double().flatten()
-        sums[blocks.index(block_of(n))] += torch.stack([a @ b, a @ a, b @ b]).cpu()
+        sums[blocks.index(block_of(n))] += torch.stack([a @ b, a @ a, b @ b])
     if sharded:
         dist.all_reduce(sums)
+    sums = sums.cpu()
 
     def cos(s):
         return (s[0] / (s[1] * s[2]).sqrt()).item() if s[1] > 0 and s[2] > 0 else 0.0

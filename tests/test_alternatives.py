@@ -252,3 +252,30 @@ def test_the_study_report_of_the_alternatives(alternatives_run, tmp_path):
     best = text.split("best α of averaging per base: ")[1].split(",")[0]
     assert rows[f"averaged@{best}"][6] == "0.500 0.500"
     assert "grad_cosine" in text and "| hbat | IFA_1 " in text
+
+
+def test_alright_killed_inside_its_stage_resumes_to_the_same_numbers(tmp_path, cache):
+    """--save-every 1 and a SIGKILL right after the 5th mid-stage save, inside alright's one alternating stage: the
+    re-run resumes at step 5 (the same turn of IFA and DPO batches) and ends with the uninterrupted run's results,
+    metric rows and weights."""
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+    from test_train import KILLER, SMOKE, comparable
+    flags = ["--algo", "dpo", "--schedule", "alright", "--save-every", "1", "--cache-dir", str(cache)]
+    ok(train(*flags[:-2], out=tmp_path / "a", cache=cache))  # uninterrupted (train() adds the cache)
+    (tmp_path / "killer.py").write_text(KILLER)
+    cmd = [*SMOKE, *flags, "--out", str(tmp_path / "b")]
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *cmd], cwd=ROOT, env=ENV | {"KILL_AFTER": "5"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not (tmp_path / "b" / "results.json").exists(), killed.stderr[-2000:]
+    resumed = ok(subprocess.run([sys.executable, "train.py", *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                                timeout=300))
+    assert "resuming alright ALT at step 5" in resumed.stdout + resumed.stderr
+    a, b = (read_json(tmp_path / o / "results.json") for o in ("a", "b"))
+    assert comparable(a) == comparable(b)
+    rows = [[r for r in read_rows(tmp_path / o / "metrics.jsonl") if r["schedule"] == "alright"] for o in ("a", "b")]
+    assert rows[0] == rows[1] and len(rows[0]) == a["schedules"]["alright"]["stages"][0]["steps"]
+    wa, wb = (torch.load(tmp_path / o / "alright.pt", weights_only=True)["model"] for o in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
