@@ -61,8 +61,7 @@ def multi_task(e_ifa: int, e_hpa: int) -> list[Stage]:
 
 def rpo(e_ifa: int, e_hpa: int, alpha: float) -> list[Stage]:
     """§7.2: two-stage, its DPO stage with α·(mean token NLL of the chosen answers) added (Pang et al. 2024)."""
-    ifa, hpa = two_stage(e_ifa, e_hpa)
-    return [ifa, Stage("HPA", "hpa", 0, e_hpa, ewc=False, rpo_alpha=alpha)]
+    return [two_stage(e_ifa, e_hpa)[0], Stage("HPA", "hpa", 0, e_hpa, ewc=False, rpo_alpha=alpha)]
 
 
 def alright(e_ifa: int, e_hpa: int) -> list[Stage]:
