@@ -80,14 +80,18 @@ def tiny_base(args, rt, tok, corpus, log, optimize):
     return Transformer.from_pretrained(path).to("cpu" if rt.fsdp else rt.device)
 
 
+def on_meta(margs):
+    """An unplaced model of this shape on the meta device (no memory, no random init): parallel.place fills it."""
+    with torch.device("meta"):
+        return Transformer(margs)
+
+
 def sft_model(args, rt, base, ifa_ex, tok, log, run_stage):
     """What PPO's reward model starts from (§1): the SFT model, that is two-stage's IFA stage (the same seed, so
     the same model as two-stage's), trained once per run and kept in OUT/sft.pt."""
     path = os.path.join(args.out, "sft.pt")
     if not os.path.exists(path):
-        with torch.device("meta"):  # no copy of the weights: place fills it from rank 0's base
-            model = Transformer(base.args)
-        model = parallel.place(rt, model, base.state_dict())
+        model = parallel.place(rt, on_meta(base.args), base.state_dict())  # no copy: filled from rank 0's base
         mid = rundir.MidStage(args.out, "sft", 0, 0, args.save_every, rt)  # --save-every: resume inside it too
         run_stage(args, rt, hbat.two_stage(args.epochs_ifa, args.epochs_hpa)[0], model, None,
                   {"ifa": hbat.split(ifa_ex, 1, args.seed), "hpa": [[]]}, None, None, tok, None,
@@ -99,6 +103,16 @@ def sft_model(args, rt, base, ifa_ex, tok, log, run_stage):
         parallel.barrier(rt)
     sft = parallel.lean(rt, lambda: Transformer.from_pretrained(path), lambda margs: Transformer(ModelArgs(**margs)))
     return sft if rt.fsdp else sft.to(rt.device)
+
+
+def averaged(args, rt, base, final, ifa_ex, tok, log, run_stage):
+    """§7.1 weight averaging, nothing trained: for each α of --average-alphas, (its name "averaged@<α>", the placed
+    model (1 − α)·θ_SFT + α·θ_two-stage). θ_SFT is two-stage's IFA stage (OUT/sft.pt; trained here if no earlier
+    stage wrote it), `final` two-stage's whole state_dict (under FSDP only rank 0's counts)."""
+    sft = sft_model(args, rt, base, ifa_ex, tok, log, run_stage)
+    for alpha in args.average_alphas:
+        state = hbat.average(sft.state_dict(), final, alpha) if rt.rank == 0 or not rt.fsdp else None
+        yield f"averaged@{alpha:g}", parallel.place(rt, on_meta(base.args), state)
 
 
 def train_reward_model(args, rt, sft, hpa_ex, log, optimize):

@@ -281,12 +281,6 @@ def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log,
 # one schedule: walk its stages (hbat.py), a checkpoint after each
 
 
-def on_meta(margs):
-    """An unplaced model of this shape on the meta device (no memory): parallel.place fills it."""
-    with torch.device("meta"):
-        return Transformer(margs)
-
-
 def evaluate_model(rt, model, tok, test, world, args, rm, judge):
     """evaluate.evaluate on the gathered model (under FSDP every rank takes part; else only rank 0 calls this)."""
     with parallel.gathered(rt, model):
@@ -304,7 +298,7 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
                       seed=args.seed) if name == "hbat" else None
 
     def fresh():  # an unplaced model of the schedule's shape
-        return on_meta(base.args)
+        return prepare.on_meta(base.args)
 
     def new_critic():  # PPO's value network starts as a copy of the reward model (ppo.make_critic says why)
         return ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(rt, m, lambda: reward.RewardModel(fresh())))
@@ -319,6 +313,7 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
             critic = new_critic()
             parallel.load_full_state(rt, critic, ckpt["critic"])
     history, step0 = (ckpt["history"], ckpt["steps"]) if ckpt else ([], 0)
+    probes = ([ex[:2] for ex in ifa_ex[:args.grad_probe]], [ex[:3] for ex in hpa_ex[:args.grad_probe]])  # §7.4
     last_eval = None
     for i in range(len(history), len(stages)):
         stage, t0 = stages[i], time.time()
@@ -334,8 +329,7 @@ def run_schedule(args, rt, name, base, task, rm, judge, log):
         probe = {}
         if args.algo == "dpo" and args.grad_probe:  # §7.4: does a step on one objective undo the other?
             probe = dict(zip(("grad_cosine", "grad_cosine_blocks"), conflict.grad_cosine(
-                model, [ex[:2] for ex in ifa_ex[:args.grad_probe]], [ex[:3] for ex in hpa_ex[:args.grad_probe]],
-                args.beta, rt.device, rt.autocast(), sharded=rt.fsdp)))
+                model, *probes, args.beta, rt.device, rt.autocast(), sharded=rt.fsdp)))
         if ewc is not None:
             ewc.begin_stage(stage.kind, model)  # the anchor θ* is the model at the start of the stage
         if (args.algo, args.ppo_variant, stage.kind) == ("ppo", "textbook", "hpa") and (critic is None
@@ -433,13 +427,10 @@ def main(argv=None):
             yield name, model, history, last_eval
             if name == "two-stage" and "averaged" in args.schedules:
                 final = parallel.full_state(rt, model)
-        if "averaged" in args.schedules:  # §7.1: no training, (1 − α)·θ_SFT + α·θ_two-stage for each α
-            sft = prepare.sft_model(args, rt, base, ifa_ex, tok, log.write, run_stage)  # two-stage's IFA stage
-            for alpha in args.average_alphas:
-                model = parallel.place(rt, on_meta(base.args), hbat.average(sft.state_dict(), final, alpha)
-                                       if rt.rank == 0 or not rt.fsdp else None)
-                yield f"averaged@{alpha:g}", model, [], evaluate_model(rt, model, tok, test, world, args, rm, judge) \
-                    if rt.evaluates else None
+        if "averaged" in args.schedules:  # §7.1: (1 − α)·θ_SFT + α·θ_two-stage for each α, no training
+            for name, model in prepare.averaged(args, rt, base, final, ifa_ex, tok, log.write, run_stage):
+                yield name, model, [], evaluate_model(rt, model, tok, test, world, args, rm, judge) if rt.evaluates \
+                    else None
 
     for name, model, history, last_eval in models():
         state = parallel.full_state(rt, model) if args.export_hf else None

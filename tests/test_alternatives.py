@@ -2,6 +2,9 @@
 cosine that measures the conflict between the objectives. The pure parts against hand-worked numbers and direct
 computations; the schedules end to end in one smoke run of train.py."""
 import math
+import shutil
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -12,8 +15,9 @@ import conflict
 import data
 import dpo
 import hbat
-from conftest import ok, random_pairs, tiny_transformer
-from test_train import ALGOS, one_line_error, read_json, read_rows, train
+import study
+from conftest import ENV, ROOT, ok, random_pairs, tiny_transformer
+from test_train import ALGOS, KILLER, SMOKE, comparable, one_line_error, read_json, read_rows, train
 
 # -----------------------------------------------------------------------------
 # the schedules as data
@@ -236,8 +240,6 @@ def test_the_study_report_of_the_alternatives(alternatives_run, tmp_path):
     """study.py --alternatives over two bases (here the same run twice): every schedule has a row; averaging at
     α = 1 is two-stage (a 0.5 win rate); the best α's head to head with itself is a tie; the plots are written when
     matplotlib is there."""
-    import shutil
-    import study
     roots = []
     for b in ("a", "b"):
         shutil.copytree(alternatives_run, tmp_path / b / "main_c0.5_s0")
@@ -258,11 +260,6 @@ def test_alright_killed_inside_its_stage_resumes_to_the_same_numbers(tmp_path, c
     """--save-every 1 and a SIGKILL right after the 5th mid-stage save, inside alright's one alternating stage: the
     re-run resumes at step 5 (the same turn of IFA and DPO batches) and ends with the uninterrupted run's results,
     metric rows and weights."""
-    import subprocess
-    import sys
-
-    from conftest import ENV, ROOT
-    from test_train import KILLER, SMOKE, comparable
     flags = ["--algo", "dpo", "--schedule", "alright", "--save-every", "1", "--cache-dir", str(cache)]
     ok(train(*flags[:-2], out=tmp_path / "a", cache=cache))  # uninterrupted (train() adds the cache)
     (tmp_path / "killer.py").write_text(KILLER)
