@@ -100,7 +100,7 @@ def ifa_step_loss(model, tokens, mask):
     return loss, {"loss": loss.item()}
 
 
-def dpo_step_loss(model, tokens, mask, ref_logps, beta, label_smoothing=0.0, ipo=False, ref_model=None,
+def dpo_step_loss(model, tokens, mask, ref_logps=None, beta=0.1, label_smoothing=0.0, ipo=False, ref_model=None,
                   rpo_alpha=0.0):
     """DPO loss on an `data.hpa_batch` -> (loss, metrics); with rpo_alpha = α > 0, RPO's (docs/method.md §7.2):
     loss = mean DPO loss + α · sft_loss(chosen rows), the mean token NLL of the chosen answers (a mean over their
@@ -108,7 +108,7 @@ def dpo_step_loss(model, tokens, mask, ref_logps, beta, label_smoothing=0.0, ipo
 
     tokens, mask: (2B, T), rows 0..B-1 chosen and B..2B-1 rejected, so chosen and rejected share one forward
     pass. ref_logps: (B, 2) rows of `reference_logps` for these pairs. With ref_model given instead (and
-    ref_logps None), the reference log-probs are computed live, to check the cache against.
+    ref_logps None), the reference log-probs are computed live, to check the cache against. beta as in dpo_loss.
     Metrics (python floats, means over pairs): loss, rewards/chosen, rewards/rejected, rewards/margin and
     rewards/accuracy, the share of pairs whose chosen reward is strictly above the rejected one.
     """

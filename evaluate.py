@@ -29,7 +29,8 @@ import torch
 
 import data
 import reward
-import world as gold
+from infra import parallel
+from world import rouge_l
 
 EVAL_BATCH = 64
 
@@ -67,10 +68,10 @@ def evaluate(model, tok, test, world, max_new_tokens, max_seq_len, rm=None, judg
     answers = respond(model, tok, test, max_new_tokens, max_seq_len)
     responses = [a["text"] for a in answers]
     if world is not None:
-        scores = gold.evaluate(test, responses)
+        scores = world.evaluate(test, responses)
         metrics = {"ifa_score": scores.pop("ifa"), "hpa_score": scores.pop("hpa"), **scores}
     else:
-        metrics = {"ifa_score": sum(gold.rouge_l(y, r["reference"]) for y, r in zip(responses, test)) / len(test)}
+        metrics = {"ifa_score": sum(rouge_l(y, r["reference"]) for y, r in zip(responses, test)) / len(test)}
     if rm is not None:
         metrics["rm_score"] = mean(RewardModelJudge(rm, tok, max_seq_len).score(test, responses))
     if world is None and (judge is not None or rm is not None):  # pick_judge's order: --judge, else the run's RM
@@ -81,6 +82,13 @@ def evaluate(model, tok, test, world, max_new_tokens, max_seq_len, rm=None, judg
     rows = [{"prompt": r["prompt"], "response": a["text"], "stop": a["stop"], "reference": r.get("reference"),
              "family": r.get("family")} for r, a in zip(test, answers)]
     return metrics, rows
+
+
+def evaluate_placed(rt, model, task, max_new_tokens, max_seq_len, rm=None, judge=None, n=None):
+    """`evaluate` of a model placed by infra/parallel.py on the task's first n test prompts (all by default): under
+    FSDP every rank takes part in its gathers; else only rank 0 calls this."""
+    with parallel.gathered(rt, model):
+        return evaluate(model, task.tok, task.test[:n], task.world, max_new_tokens, max_seq_len, rm, judge)
 
 
 def mean(xs):
@@ -150,6 +158,13 @@ def win_rates(judge, records, answers):
         return {}
     return {f"{name}_vs_two-stage": judge.win_rate(records, answers[name], answers["two-stage"])
             for name in answers if name != "two-stage"}
+
+
+def stage_line(schedule, stage, metrics, evaluation, seconds):
+    """The line a run prints after each stage: its mean training metrics, then its evaluation's IFA and HPA scores."""
+    return (f"{schedule:>10} {stage:<6} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            + f" | eval ifa {evaluation['ifa_score']:.3f} hpa {evaluation.get('hpa_score', float('nan')):.3f}"
+            + f" ({seconds:.1f}s)")
 
 
 def table(results):

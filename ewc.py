@@ -21,13 +21,15 @@ names of `model.named_parameters()`; only parameters with requires_grad take par
 
 Distributed: under DDP pass the unwrapped module; every rank holds the whole anchor. Under FSDP (train.py --fsdp)
 every parameter is a DTensor of which each rank holds a shard: the anchor is cloned from the parameters and so is
-sharded the same way, the penalty is computed on each rank's shards (`local`), and Ω's per-tensor sums are added
+sharded the same way, the penalty is computed on each rank's shards (`shard_of`), and Ω's per-tensor sums are added
 over ranks. Element-wise importance and original EWC keep per-element state on the CPU and are one-process only.
 """
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
+import data
 
 METHODS = ("modified", "uniform", "original", "none", "freeze", "random")
 # F_max of HPA stages and of IFA stages, as the study chose them (docs/results.md); the release uses 100 for IFA's
@@ -38,7 +40,7 @@ def trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def local(t: Tensor) -> Tensor:
+def shard_of(t: Tensor) -> Tensor:
     """This rank's shard of an FSDP parameter (a DTensor); any other tensor as it is. Differentiable."""
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -52,7 +54,7 @@ def parameter_change(before: dict[str, Tensor], after: dict[str, Tensor], elemen
     Example: before {"w": [0, 0]}, after {"w": [1, 3]} gives {"w": 5.0}. With elementwise=True the squares are
     returned as fp32 tensors of each parameter's shape instead of their means ({"w": tensor([1., 9.])}).
     """
-    change = {n: (local(after[n]).float() - local(before[n]).float()).square() for n in before}
+    change = {n: (shard_of(after[n]).float() - shard_of(before[n]).float()).square() for n in before}
     if elementwise:
         return change
     if not any(isinstance(t, DTensor) for t in before.values()):
@@ -118,7 +120,7 @@ def ewc_penalty(model: nn.Module, anchor: dict[str, Tensor], weights: dict, lam:
     each part is the exact gradient of L_EWC on that rank's shards (no averaging over ranks applies to it).
     """
     params = {n: p for n, p in trainable(model).items() if n in weights}
-    terms = [_WeightedSquaredDistance.apply(local(p), local(anchor[n]), weights[n]) for n, p in params.items()]
+    terms = [_WeightedSquaredDistance.apply(shard_of(p), shard_of(anchor[n]), weights[n]) for n, p in params.items()]
     return lam**2 * torch.stack(terms).sum()                                          # §3.3 L_EWC
 
 
@@ -139,6 +141,14 @@ def fisher_diag(model: nn.Module, examples, logp_fn) -> dict[str, Tensor]:
     return {n: f / len(examples) for n, f in fisher.items()}
 
 
+def stage_fisher(model: nn.Module, examples, n_max=256) -> dict[str, Tensor]:
+    """§3.5: fisher_diag of a stage's objective on up to n_max of its tokenised examples: the log-likelihood of each
+    demonstration's response (of each pair's chosen answer)."""
+    device = next(model.parameters()).device
+    return fisher_diag(model, examples[:n_max], lambda m, ex: m.token_logprobs(
+        *(t.to(device) for t in data.ifa_batch([ex[:2]]))).sum())
+
+
 # -----------------------------------------------------------------------------
 # the state the schedule carries from stage to stage
 
@@ -146,8 +156,8 @@ class EWC:
     """The EWC side of the Hbat schedule: begin_stage, then penalty() and after_step() every step, then end_stage.
 
     f_max protects HPA stages (with Ω^IFA), f_max_ifa protects IFA stages (with Ω^HPA): stages of one kind are
-    protected by the accumulator of the other (§3.2), so IFA_1 has no penalty.
-    For "original", end_stage takes the Fisher of the stage just finished (fisher_diag on that stage's data);
+    protected by the accumulator of the other (§3.2), so IFA_1 has no penalty (and its Stage says so).
+    For "original", end_stage takes the Fisher of the stage just finished on that stage's examples (stage_fisher);
     Fishers of stages of the same kind are summed and protect the later stages of the other kind.
     Memory: the anchor is one copy of the trainable weights in their dtype and on their device (§3.4), held from
     begin_stage to end_stage; element-wise and Fisher weights add an fp32 copy. Accumulators stay on the CPU.
@@ -166,7 +176,8 @@ class EWC:
         self.rng = torch.Generator().manual_seed(seed)
         self.kind, self.anchor, self.weights, self.frozen = None, {}, {}, set()
 
-    def begin_stage(self, kind: str, model: nn.Module):
+    def begin_stage(self, kind: str, model: nn.Module, penalised: bool = True):
+        """A stage of `kind` ("ifa", "hpa") begins: θ* is the model now; where `penalised` (its hbat.Stage.ewc) F too."""
         assert kind in ("ifa", "hpa") and self.kind is None, f"begin_stage({kind!r}) while {self.kind!r} is open"
         self.kind = kind
         if self.method == "none":
@@ -176,8 +187,8 @@ class EWC:
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
         other = "hpa" if kind == "ifa" else "ifa"  # §3.2: a stage is protected by the other objective's importance
         omega, f_max = self.importance[other], self.f_max[kind]
-        if not omega:
-            return  # IFA_1: the other objective has learned nothing yet (§3.2)
+        if not (penalised and omega):
+            return  # IFA_1: the other objective has learned nothing yet, and its Stage is not penalised (§3.2)
         if self.method in ("modified", "uniform"):
             weights = normalise(omega, f_max, self.norm, self.scale)               # §3.3 F = F_max · normalise(Ω)
             if self.method == "uniform":
@@ -193,14 +204,15 @@ class EWC:
             weights = {}
         self.weights = {n: w.to(params[n].device) if torch.is_tensor(w) else w for n, w in weights.items()}
 
-    def end_stage(self, kind: str, model: nn.Module, fisher: dict[str, Tensor] | None = None):
+    def end_stage(self, kind: str, model: nn.Module, examples=(), fisher: dict[str, Tensor] | None = None):
+        """Ω^kind += the stage's change; original EWC also sums `fisher`, by default stage_fisher(model, examples)."""
         assert kind == self.kind, f"end_stage({kind!r}) closes a stage begun as {self.kind!r}"
         if self.method != "none":
             change = parameter_change(self.anchor, trainable(model), self.elementwise)
             _accumulate(self.importance[kind], change)                             # §3.1 Ω^kind += change
         if self.method == "original":
-            assert fisher is not None, "original EWC needs the Fisher of the stage that just ended (§3.5)"
-            _accumulate(self.fisher[kind], fisher)
+            assert fisher is not None or examples, "original EWC needs the stage's Fisher or its examples (§3.5)"
+            _accumulate(self.fisher[kind], fisher if fisher is not None else stage_fisher(model, examples))
         self.kind, self.anchor, self.weights, self.frozen = None, {}, {}, set()
 
     @property

@@ -1,8 +1,8 @@
 """
 The alignment schedules as plain lists of stages (docs/method.md §2).
 
-A schedule is data, not code: train.py walks the list and runs each stage with the one training loop. Reading
-the lists below is reading the paper's Figure 1:
+A schedule is data, not code: train.py walks the list and runs each stage with the one training loop, and everything
+that decides how a stage trains is a field of its `Stage`. Reading the lists below is reading the paper's Figure 1:
 
     two-stage   IFA(all of D_IFA)  ->  HPA(all of D_HPA)                               (§2.1, the baseline)
     hbat        IFA_1 -> HPA_1 -> IFA_2 -> HPA_2 -> ... -> IFA_N -> HPA_N               (§2.2, paper §3.1)
@@ -17,11 +17,14 @@ and the cheap alternatives a reader asks about next (docs/method.md §7):
 
 "Hbat without EWC" (alternation alone) is `hbat` with `--ewc none`; the other EWC variants (original, freeze,
 random) come through `--ewc` too, since they change how a stage is protected, not the order of the stages.
-`split` cuts D_IFA and D_HPA into the N subsets (§2.2 step 1); `stage_seed` seeds each stage's randomness.
+`split` cuts D_IFA and D_HPA into the N subsets (§2.2 step 1); `steps` lays a stage's batches out as optimizer steps;
+`stage_seed` seeds each stage's randomness.
 """
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 SCHEDULES = ("two-stage", "hbat", "multi-task", "averaged", "rpo", "alright")
 DPO_ONLY = ("multi-task", "rpo", "alright")  # they need an offline HPA loss
@@ -29,18 +32,25 @@ DPO_ONLY = ("multi-task", "rpo", "alright")  # they need an offline HPA loss
 
 @dataclass(frozen=True)
 class Stage:
-    name: str    # what the logs and results.json call it: "IFA_1", "HPA_1", "IFA", "MT"
-    kind: str    # "ifa" (SFT on demonstrations), "hpa" (DPO or PPO on preferences), "multi" (both at once),
-                 # "alternate" (IFA and DPO steps in turn)
-    subset: int  # which of the N data subsets the stage trains on (docs/method.md §2.2 step 1)
-    epochs: int  # passes over that subset
-    ewc: bool    # whether the stage is held near its start by the other objective's importance (§3.2)
+    name: str        # what the logs and results.json call it: "IFA_1", "HPA_1", "IFA", "MT"
+    kind: str        # how its steps are made (`steps`): "ifa" (SFT on demonstrations), "hpa" (DPO or PPO on
+                     # preferences), "multi" (both losses in every step), "alternate" (IFA and DPO steps in turn)
+    subset: int      # which of the N data subsets it trains on (docs/method.md §2.2 step 1)
+    epochs_ifa: int  # passes over that subset of D_IFA (0: none)
+    epochs_hpa: int  # passes over that subset of D_HPA (0: none)
+    ewc: bool        # whether it is held near its start by the other objective's importance (§3.2)
     rpo_alpha: float = 0.0  # weight of the chosen answer's NLL added to the DPO loss (rpo; §7.2)
+
+
+def sft_stage(e_ifa: int) -> Stage:
+    """§2.1's first stage, SFT on all demonstrations: the SFT model that PPO's reward model and `averaged` start
+    from is this stage's result (train.py keeps it as OUT/sft.pt)."""
+    return Stage("IFA", "ifa", 0, e_ifa, 0, ewc=False)
 
 
 def two_stage(e_ifa: int, e_hpa: int) -> list[Stage]:
     """§2.1: SFT on all demonstrations, then preference alignment on all pairs. No EWC: nothing alternates."""
-    return [Stage("IFA", "ifa", 0, e_ifa, ewc=False), Stage("HPA", "hpa", 0, e_hpa, ewc=False)]
+    return [sft_stage(e_ifa), Stage("HPA", "hpa", 0, 0, e_hpa, ewc=False)]
 
 
 def hbat(n: int, e_ifa: int, e_hpa: int, use_ewc: bool = True) -> list[Stage]:
@@ -48,55 +58,27 @@ def hbat(n: int, e_ifa: int, e_hpa: int, use_ewc: bool = True) -> list[Stage]:
     every later stage (HPA_1 included, protecting what IFA_1 learned) carries the penalty."""
     stages = []
     for i in range(n):
-        stages.append(Stage(f"IFA_{i + 1}", "ifa", i, e_ifa, ewc=use_ewc and i > 0))
-        stages.append(Stage(f"HPA_{i + 1}", "hpa", i, e_hpa, ewc=use_ewc))
+        stages.append(Stage(f"IFA_{i + 1}", "ifa", i, e_ifa, 0, ewc=use_ewc and i > 0))
+        stages.append(Stage(f"HPA_{i + 1}", "hpa", i, 0, e_hpa, ewc=use_ewc))
     return stages
 
 
 def multi_task(e_ifa: int, e_hpa: int) -> list[Stage]:
-    """§2.4: one stage over both datasets; `epochs` counts passes over D_IFA, the HPA batches are spread over the
-    same steps so that each pair is seen e_hpa times (the data and compute of the other schedules)."""
-    return [Stage("MT", "multi", 0, e_ifa, ewc=False)]
+    """§2.4: one stage over both datasets: each step pairs an IFA batch with an HPA batch, the HPA batches cycled
+    so that each pair is seen e_hpa times over the e_ifa passes over D_IFA (the data of the other schedules)."""
+    return [Stage("MT", "multi", 0, e_ifa, e_hpa, ewc=False)]
 
 
 def rpo(e_ifa: int, e_hpa: int, alpha: float) -> list[Stage]:
     """§7.2: two-stage, its DPO stage with α·(mean token NLL of the chosen answers) added (Pang et al. 2024)."""
-    return [two_stage(e_ifa, e_hpa)[0], Stage("HPA", "hpa", 0, e_hpa, ewc=False, rpo_alpha=alpha)]
+    return [sft_stage(e_ifa), Stage("HPA", "hpa", 0, 0, e_hpa, ewc=False, rpo_alpha=alpha)]
 
 
 def alright(e_ifa: int, e_hpa: int) -> list[Stage]:
     """§7.3: one stage over both datasets that takes an IFA step, then a DPO step, and so on (Fernando et al.
-    2024): every IFA batch of E_IFA passes and every DPO batch of E_HPA passes once, as in two-stage, interleaved
-    evenly when their numbers differ. `epochs` counts passes over D_IFA; the HPA passes are e_hpa."""
-    return [Stage("ALT", "alternate", 0, e_ifa, ewc=False)]
-
-
-def interleave(n_a: int, n_b: int) -> list[int]:
-    """The order of alright's steps: n_a zeros (IFA) and n_b ones (DPO) spread evenly, starting with IFA; each
-    kind keeps its own batch order. Example: (3, 3) -> [0, 1, 0, 1, 0, 1]; (2, 4) -> [0, 1, 1, 0, 1, 1]."""
-    total = n_a + n_b
-    # step k is IFA where ceil(share of IFA steps due after k + 1 steps) goes up: exactly n_a of them
-    return [0 if -(-(k + 1) * n_a // total) > -(-k * n_a // total) else 1 for k in range(total)]
-
-
-def average(sft: dict, final: dict, alpha: float) -> dict:
-    """§7.1, weight averaging (Lin et al. 2024): the state_dict (1 − α)·θ_SFT + α·θ_final, tensor by tensor, in
-    fp32 so that α = 0 gives θ_SFT and α = 1 gives θ_final bit for bit."""
-    if sft.keys() != final.keys():
-        raise ValueError("averaged: the two models have different tensors")
-    return {k: ((1 - alpha) * sft[k].float() + alpha * final[k].float()).to(sft[k].dtype) for k in sft}
-
-
-def split(items: list, n: int, seed: int) -> list[list]:
-    """§2.2 step 1: N disjoint seeded random subsets that together hold every item; sizes differ by at most one,
-    the first len(items) % n subsets one larger (10 items, N = 4 -> 3, 3, 2, 2)."""
-    if not 1 <= n <= len(items):
-        raise ValueError(f"cannot split {len(items)} records into {n} subsets (need 1 <= N <= number of records)")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    q, r = divmod(len(items), n)
-    cuts = [k * q + min(k, r) for k in range(n + 1)]
-    return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
+    2024): every IFA batch of e_ifa passes and every DPO batch of e_hpa passes once, as in two-stage, interleaved
+    evenly when their numbers differ."""
+    return [Stage("ALT", "alternate", 0, e_ifa, e_hpa, ewc=False)]
 
 
 def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool, rpo_alpha: float = 1.0
@@ -116,6 +98,91 @@ def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool, rpo_alpha: f
     if name == "averaged":
         return [], 1
     raise ValueError(f"--schedule: unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")
+
+
+# -----------------------------------------------------------------------------
+# the data of a schedule and of a stage
+
+
+def split(items: list, n: int, seed: int) -> list[list]:
+    """§2.2 step 1: N disjoint seeded random subsets that together hold every item; sizes differ by at most one,
+    the first len(items) % n subsets one larger (10 items, N = 4 -> 3, 3, 2, 2)."""
+    if not 1 <= n <= len(items):
+        raise ValueError(f"cannot split {len(items)} records into {n} subsets (need 1 <= N <= number of records)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    q, r = divmod(len(items), n)
+    cuts = [k * q + min(k, r) for k in range(n + 1)]
+    return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
+
+
+def interleave(n_a: int, n_b: int) -> list[int]:
+    """The order of alright's steps: n_a zeros (IFA) and n_b ones (DPO) spread evenly, starting with IFA; each
+    kind keeps its own batch order. Example: (3, 3) -> [0, 1, 0, 1, 0, 1]; (2, 4) -> [0, 1, 1, 0, 1, 1]."""
+    total = n_a + n_b
+    # step k is IFA where ceil(share of IFA steps due after k + 1 steps) goes up: exactly n_a of them
+    return [0 if -(-(k + 1) * n_a // total) > -(-k * n_a // total) else 1 for k in range(total)]
+
+
+class Objective(NamedTuple):
+    """One objective of a stage: its loss, loss_fn(module, *loss arguments) -> (loss, metrics), its batches (an
+    iterator of (micro-batches, shares) as data.batches_of makes them; a micro-batch is (example indices, *loss
+    arguments)), how many, and its peak lr."""
+    loss_fn: Callable
+    batches: Iterator
+    n_batches: int
+    lr: float
+
+
+def steps(kind: str, objectives: dict[str, Objective]):
+    """A stage's optimizer steps, laid out from its objectives' batches by its kind: {"ifa": ..., "hpa": ...}, or the
+    one objective of a stage of one. Yields (objective, micro-steps, shares, examples): the objective whose lr the
+    step takes; for each micro-step of the step's gradient accumulation the parts whose losses it sums,
+    [(objective, loss arguments, weight)], and its share; the number of examples the step uses.
+
+        one objective   each batch is a step, each of its micro-batches a micro-step of one part, weight 1
+        alternate       IFA and HPA batches in turn (`interleave`), each a step of its own (ALRIGHT, §7.3)
+        multi           every IFA batch with an HPA batch, cycling through the HPA batches (§2.4): micro-step i
+                        sums micro-batch i of each, each weighted by its share of its batch; at the IFA lr
+    """
+    def one(objective, micros, shares):
+        return objective, [[(objective, micro[1:], 1.0)] for micro in micros], shares, sum(len(m[0]) for m in micros)
+
+    batches = {k: o.batches for k, o in objectives.items()}
+    if kind in batches:
+        for micros, shares in batches[kind]:
+            yield one(kind, micros, shares)
+    elif kind == "alternate":
+        for k in interleave(objectives["ifa"].n_batches, objectives["hpa"].n_batches):
+            objective = "hpa" if k else "ifa"
+            yield one(objective, *next(batches[objective]))
+    elif kind == "multi":
+        hpa = list(batches["hpa"])
+        for i, (micros, shares) in enumerate(batches["ifa"]):
+            hpa_micros, hpa_shares = hpa[i % len(hpa)]
+            pairs = itertools.zip_longest(zip(micros, shares), zip(hpa_micros, hpa_shares), fillvalue=(None, 0.0))
+            parts = [[(objective, micro[1:], share) for objective, (micro, share) in zip(("ifa", "hpa"), pair)
+                      if micro is not None] for pair in pairs]
+            yield "ifa", parts, [1.0] * len(parts), sum(len(m[0]) for m in micros + hpa_micros)
+    else:
+        raise ValueError(f"a {kind!r} stage needs {kind} batches")
+
+
+def n_steps(kind: str, objectives: dict[str, Objective]) -> int:
+    """How many steps `steps` makes: the lr schedule's horizon."""
+    return objectives["ifa"].n_batches if kind == "multi" else sum(o.n_batches for o in objectives.values())
+
+
+# -----------------------------------------------------------------------------
+# no training: weight averaging, and the seeds
+
+
+def average(sft: dict, final: dict, alpha: float) -> dict:
+    """§7.1, weight averaging (Lin et al. 2024): the state_dict (1 − α)·θ_SFT + α·θ_final, tensor by tensor, in
+    fp32 so that α = 0 gives θ_SFT and α = 1 gives θ_final bit for bit."""
+    if sft.keys() != final.keys():
+        raise ValueError("averaged: the two models have different tensors")
+    return {k: ((1 - alpha) * sft[k].float() + alpha * final[k].float()).to(sft[k].dtype) for k in sft}
 
 
 def stage_seed(seed: int, *parts) -> int:

@@ -2,7 +2,7 @@
 
 The architecture is Meta's llama/model.py: pre-norm blocks with RMSNorm, rotary position embeddings in Meta's
 interleaved-pair convention, grouped-query attention, a SwiGLU feed-forward and an untied output head. Parameter
-names are Meta's state-dict keys, so a Meta checkpoint loads without renaming; checkpoint.py reads and writes the
+names are Meta's state-dict keys, so a Meta checkpoint loads without renaming; infra/checkpoint.py reads and writes the
 file formats.
 
 Simplified: no dropout, no tensor parallelism, no rotary scaling (Llama 3.1 `use_scaled_rope` / HF `rope_scaling`
@@ -13,13 +13,13 @@ Shape letters, used throughout:
     V vocab, D model dim, H query heads, K key/value heads, Hd head dim (D / H), N scored positions.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
+from infra import checkpoint
 
 
 @dataclass
@@ -292,9 +292,10 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "Transformer":
-        """Load a save_checkpoint file, a Meta LLaMA directory (params.json + consolidated.*.pth) or a Hugging Face
-        LLaMA directory (config.json + safetensors or .bin weights); checkpoint.py reads the formats. Weights come
-        back on CPU in dtype (float32 if None); move the model with .to(device)."""
+        """Load one of our model files (infra/checkpoint.py `save`), a Meta LLaMA directory (params.json +
+        consolidated.*.pth) or a Hugging Face LLaMA directory (config.json + safetensors or .bin weights);
+        infra/checkpoint.py reads the formats. Weights come back on CPU in dtype (float32 if None); move the model with
+        .to(device)."""
         params, state = checkpoint.load(path)
         names = {f.name for f in fields(ModelArgs)}  # a Meta params.json may carry keys we have no use for
         with torch.device("meta"):  # no memory and no random init for weights that are about to be replaced
@@ -309,11 +310,3 @@ class Transformer(nn.Module):
                                  f"floating-point {tuple(expected[name].shape)}")
         model.load_state_dict({n: w.to(dtype or torch.float32, copy=True) for n, w in state.items()}, assign=True)
         return model
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-def save_checkpoint(model: Transformer, path) -> None:
-    """Write {"model_args": dict, "model": state_dict} to path atomically (checkpoint.atomic_save): a crash keeps
-    the old file. Anything with .args (a ModelArgs) and .state_dict() can be saved, e.g. reward.RewardModel."""
-    checkpoint.save(asdict(model.args), model.state_dict(), path)

@@ -3,13 +3,14 @@
 
 One PPO iteration, as train.py runs it (the loop owns the optimizer, LR schedule, EWC penalty, clipping, DDP):
 
-    ro, metrics = rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, generator)
+    state = StageState(cfg, seed, device)  # made once per stage: sampling generator, KL coefficient, reward queue
+    ro, metrics = rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_id, state.generator,
+                          queue=state.queue)
+    state.after_rollout(metrics["kl"], len(prompts))  # the adaptive KL coefficient moves, if there is one
     for epoch in range(cfg.epochs):
-        for mb in minibatches(ro, cfg.minibatch_size, generator):
-            loss, mb_metrics = ppo_loss(policy, critic, mb, cfg)   # release: release_loss(policy, mb)
+        for mb in minibatches(ro, cfg.minibatch_size, state.generator):
+            loss, mb_metrics = minibatch_loss({"policy": policy, "critic": critic}, mb, cfg)
             ...stop the update when mb_metrics["approx_kl"] > cfg.target_kl
-    if cfg.adaptive_kl:  # kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), made once
-        cfg.kl_coef = kl_ctl.update(metrics["kl"], len(prompts))
 
 The textbook critic is a trainable copy of the reward model (`make_critic` says why); the reference is the frozen
 model at the start of the stage (§2.3). Textbook PPO here is that of Ziegler et al. 2019 / Stiennon et al. 2020 /
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 @dataclass
 class PPOConfig:
     # Reward shaping (§4.2)
-    kl_coef: float = 0.2            # §6.2: 0.2 was as stable as 0.05 and avoided the one-word exploit once
+    kl_coef: float = 0.2            # as stable as 0.05 and avoided the one-word exploit once (docs/design-notes.md)
     kl_estimator: str = "k1"        # "k1" or "k3", see kl_estimate
     eos_penalty: float | None = -1.0  # score given to responses that never emit EOS; None keeps the RM's score
     # GAE
@@ -54,12 +55,13 @@ class PPOConfig:
     variant: str = "textbook"       # or "release"
     reward_gamma: float = 0.95      # γ of the release's per-position decay of the score
     reward_clip: float = 10.0       # the release clips the RM score to [-10, 10]
-    queue_size: int = 1000          # the release whitens with the last 1000 non-zero per-token rewards
     absolute_positions: bool = False  # True: the release's quirk, the decay counts the left-padded prompt too
     # Adaptive KL controller (Ziegler et al. 2019), run by the loop: see AdaptiveKLController
     adaptive_kl: bool = False
     kl_target: float = 6.0          # target sequence KL (nats)
     kl_horizon: int = 10000         # episodes over which the coefficient may move by ±20%
+    critic: bool = True             # a value network and GAE (textbook); the release has none
+    queue_size: int = 0             # the release whitens with its last 1000 non-zero per-token rewards; 0: no queue
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):
@@ -70,11 +72,17 @@ class PPOConfig:
             raise ValueError(f"variant must be 'textbook' or 'release', got {self.variant!r}")
 
 
+# What each variant sets apart from the defaults above: the one place a variant is defined. The release's (§4.3): its
+# sampling (top-k 50, top-p 0.95), β = 0.1, one epoch over each rollout, no EOS penalty (it scores whatever was
+# sampled), no critic, and whitening by a queue of its last 1000 rewards.
+VARIANTS = {"textbook": {},
+            "release": dict(variant="release", kl_coef=0.1, epochs=1, top_k=50, top_p=0.95, eos_penalty=None,
+                            critic=False, queue_size=1000)}
+
+
 def release_config(**overrides):
-    """The release's settings (§4.3): its sampling (top-k 50, top-p 0.95), β = 0.1, one epoch over each rollout,
-    and no EOS penalty (the release scores whatever was sampled); `overrides` as in PPOConfig."""
-    return PPOConfig(**dict(variant="release", kl_coef=0.1, epochs=1, top_k=50, top_p=0.95, eos_penalty=None)
-                     | overrides)
+    """The release's settings (VARIANTS), with `overrides` as in PPOConfig."""
+    return PPOConfig(**VARIANTS["release"] | overrides)
 
 
 class Rollout(NamedTuple):
@@ -136,15 +144,9 @@ def masked_var(x, mask):
     return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
 
-def whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over valid tokens only (population variance); padded positions come back as 0.
-
-    With shift_mean=False the mean is added back, so only the scale changes (used for rewards in some recipes)."""
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+def whiten(x, mask):
+    """(x - mean) / std over valid tokens only (population variance); padded positions come back as 0."""
+    return (x - masked_mean(x, mask)) * torch.rsqrt(masked_var(x, mask) + 1e-8) * mask
 
 
 def compute_gae(rewards, values, mask, gamma, lam):
@@ -273,7 +275,8 @@ def release_policy_loss(logprobs, advantages, mask):
 
 
 class RewardQueue:
-    """The release's FIFO of recent per-token rewards (§4.3); train.py makes a new one at every stage's start."""
+    """The release's FIFO of recent per-token rewards (§4.3), cfg.queue_size long; train.py makes a new one at every
+    stage's start."""
 
     def __init__(self, size):
         self.size, self.values = size, torch.zeros(0)
@@ -294,6 +297,33 @@ class AdaptiveKLController:
         proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + proportional_error * n_steps / self.horizon
         return self.value
+
+
+class StageState:
+    """What a PPO stage carries from one rollout to the next, saved with the stage's progress: the sampling generator
+    (seeded by the stage, on the policy's device), the KL coefficient cfg.kl_coef where the adaptive controller moved
+    it (every rank passes it the same mean KL), and the release's reward queue (new at every stage's start)."""
+
+    def __init__(self, cfg, seed, device):
+        self.cfg, self.generator = cfg, torch.Generator(device=device).manual_seed(seed)
+        self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
+        self.queue = RewardQueue(cfg.queue_size) if cfg.queue_size else None
+
+    def after_rollout(self, kl, n_episodes):
+        if self.kl_ctl is not None:
+            self.cfg.kl_coef = self.kl_ctl.update(kl, n_episodes)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "kl_coef": self.cfg.kl_coef,
+                "queue": None if self.queue is None else self.queue.values}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.cfg.kl_coef = state["kl_coef"]
+        if self.kl_ctl is not None:
+            self.kl_ctl.value = self.cfg.kl_coef
+        if self.queue is not None:
+            self.queue.values = state["queue"]
 
 
 # --- rollout: sample, score, shape rewards, advantages (§4.2) --------------------------------------------------
@@ -440,6 +470,11 @@ def minibatches(rollout, minibatch_size, generator=None):
         yield Rollout(*(field[idx] for field in rollout))
 
 
+def split(mb, sizes):
+    """A minibatch (a Rollout) cut into consecutive micro-batches of these row counts, for gradient accumulation."""
+    return [Rollout(*fields) for fields in zip(*(field.split(sizes) for field in mb))]
+
+
 def release_loss(policy, mb):
     """The release's loss on a minibatch (§4.3): release_policy_loss on the current policy's log-probs; no critic,
     no entropy term. approx_kl (π_old‖π, k3) is only reported, and read by --target-kl."""
@@ -450,6 +485,14 @@ def release_loss(policy, mb):
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mb.masks)
     return loss, {"policy_loss": loss.item(), "approx_kl": approx_kl.item(),
                   "entropy": masked_mean(entropy, mb.masks).item()}
+
+
+def minibatch_loss(modules, mb, cfg):
+    """The loss on a minibatch of the stage's variant: `ppo_loss`, or the release's `release_loss` (no critic).
+    modules: {"policy": ..., "critic": ...} (an nn.ModuleDict in train.py); returns (loss, metrics)."""
+    if cfg.critic:
+        return ppo_loss(modules["policy"], modules["critic"], mb, cfg)
+    return release_loss(modules["policy"], mb)
 
 
 def ppo_loss(policy, critic, mb, cfg):

@@ -32,7 +32,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, trunk: Transformer):
         super().__init__()
-        self.args = trunk.args  # the checkpoint records the trunk's config (model.save_checkpoint reads .args)
+        self.args = trunk.args  # the trunk's config, which its checkpoint records
         self.trunk = trunk
         self.head = nn.Linear(trunk.args.dim, 1)
         self.register_buffer("offset", torch.zeros(()))  # set by set_offset; saved with the weights
@@ -49,8 +49,8 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """Load a reward model written by model.save_checkpoint(rm, path) (trunk, head and offset; on CPU: move it
-        with .to(device))."""
+        """Load a reward model saved in our model-file layout (infra/checkpoint.py `save`: trunk, head and offset; on
+        the CPU: move it with .to(device))."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         with torch.device("meta"):  # no random init for weights that are about to be replaced
             rm = cls(Transformer(ModelArgs(**ckpt["model_args"])))

@@ -18,10 +18,11 @@ import sys
 import torch
 
 import data
+from infra import importers
 from model import Transformer
 
-TEMPLATES = {"none": "{}", "alpaca": data.TEMPLATES["alpaca_no_input"].replace("{instruction}", "{}"),
-             "hh": "\n\nHuman: {}" + data.HH_ASSISTANT}
+TEMPLATES = {"none": "{}", "alpaca": importers.TEMPLATES["alpaca_no_input"].replace("{instruction}", "{}"),
+             "hh": "\n\nHuman: {}" + importers.HH_ASSISTANT}
 
 
 def die(message):
@@ -64,8 +65,8 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model = Transformer.from_pretrained(args.checkpoint).to(device).eval()
-        tok = data.find_tokenizer(args.checkpoint, args.tokenizer)
-    except (OSError, ValueError) as e:  # a missing or unreadable file: checkpoint.py and data.py name it
+        tok = importers.find_tokenizer(args.checkpoint, args.tokenizer)
+    except (OSError, ValueError) as e:  # a missing or unreadable file: infra/checkpoint.py and importers.py name it
         die(str(e))
     if tok.vocab_size > model.args.vocab_size:
         die(f"{args.checkpoint}: the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only "

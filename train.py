@@ -7,64 +7,302 @@ Hybrid Alignment Training: the one training loop.
     torchrun --nproc_per_node 2 train.py --algo dpo --preset smoke            # DDP
     torchrun --nproc_per_node 8 train.py --fsdp --model /data/llama-2-7b ...  # sharded; docs/real-data.md
 
-Read it top to bottom: `train_step` is one AdamW step, the same in every stage (lr, micro-batches of loss + EWC
-penalty, clip, step); `optimize` runs a stage's batches through it; `run_ppo_stage` is PPO's loop around it (rollout
--> epochs x minibatches -> early stop); `run_stage` builds a stage's batches and loss; `run_schedule` walks the stages
-of hbat.py with a checkpoint after each; `main`: task -> base model -> (PPO) reward model -> each schedule ->
-results.json and a table. Flags: config.py; the task, base and reward model: prepare.py; the run directory:
-rundir.py; one process, DDP or FSDP: parallel.py.
-Re-running a command with the same --out resumes after the last completed stage with the same numbers (same device
-and thread count): each stage draws its randomness from generators seeded by the stage. § refers to docs/method.md.
+Read it top to bottom, one path: `main` prepares the task and the base model (under PPO also the SFT and reward
+models), runs every schedule of hbat.py and prints a table; `run_schedule` walks a schedule's stages with the EWC
+penalty around each and a checkpoint after it; `run_stage` takes one `train_step` per step of a stage, its batches and
+losses built by `stage_objectives` (IFA, DPO and their mixes) or, under PPO, `run_ppo_stage` runs rollout -> epochs x
+minibatches -> early stop; `train_step` is one AdamW step, the same in every stage. What a run starts from:
+prepare.py; flags, run directory, placement over ranks: infra/. Re-running a command with the same --out resumes
+after the last completed stage (or inside it, --save-every) with the same numbers on the same device and thread
+count: each stage draws its randomness from generators seeded by the stage. § refers to docs/method.md.
 """
 import itertools
 import os
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from tqdm import tqdm
 
-import checkpoint
-import config
-import conflict
 import data
 import dpo
 import evaluate
-import ewc as ewc_lib
 import hbat
-import memory
-import parallel
 import ppo
 import prepare
 import reward
-import rundir
-from config import die
-from model import ModelArgs, Transformer
+from ewc import EWC
+from infra import flags, parallel, rundir
+from infra.flags import die
+from lab import conflict
+from model import Transformer
+
+
+@dataclass
+class Run:
+    """What every stage of a run shares."""
+    args: object                          # the flags (infra/flags.py)
+    rt: parallel.Runtime                  # where this process runs: device, rank, world size, precision
+    task: prepare.Task                    # tokenizer, D_IFA, D_HPA, held-out prompts (and the world's gold judge)
+    log: rundir.MetricsLog                # OUT/metrics.jsonl
+    rm: reward.RewardModel | None = None  # PPO's reward model
+    judge: evaluate.Judge | None = None   # real data: what scores answers (--judge)
+
+    def evaluate(self, model, n=None):
+        return evaluate.evaluate_placed(self.rt, model, self.task, self.args.max_new_tokens, self.args.max_seq_len,
+                                        self.rm, self.judge, n)
+
+    def logger(self, schedule, stage, index=0, steps_before=0, model=None):
+        """log(step, metrics) for a stage: rows of OUT/metrics.jsonl; with a model and --eval-every K also its scores
+        on 100 test prompts every K optimizer steps."""
+        every = self.args.eval_every if model is not None and self.rt.evaluates else 0
+        return self.log.logger({"schedule": schedule, "stage": stage, "stage_index": index}, steps_before, every,
+                               lambda: self.evaluate(model, n=100)[0])
+
+
+def main(argv=None):
+    args = flags.get_args(argv)
+    rt = parallel.setup(args.device, args.dtype, args.fsdp, args.compile, args.activation_checkpointing)
+    flags.check_world(args, rt.world)
+    rundir.check_out_dir(args.out, flags.run_config(args), args.overwrite, rt)
+    t_start = time.time()
+    try:  # a bad file is one line
+        task = prepare.load_task(args, rt)
+        judge = evaluate.load_judge(args.judge, task.tok, args.max_seq_len, rt.device) if args.judge else None
+        base = prepare.base_model(args, rt, task)  # None: the tiny base is pretrained below
+    except (OSError, ValueError) as e:  # data.DataError is a ValueError
+        die(str(e))
+    flags.check_sizes(args, len(task.ifa), len(task.hpa))
+    run = Run(args, rt, task, rundir.MetricsLog(args.out, rt.rank, args.schedules), judge=judge)
+    if rt.rank == 0:
+        rundir.write_tokenizer(args.out, task.tok)
+    if base is None:  # no --model: the tiny base, pretrained once on the world's corpus
+        base = pretrain(run)
+    rm_accuracy = None
+    if args.algo == "ppo":  # one reward model for every schedule, trained from the SFT model
+        run.rm, rm_accuracy = reward_model(run, base)
+    results = rundir.Results(rt, args.out, args.algo, flags.run_config(args), rm_accuracy)
+    for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
+        stages, n_splits = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none",
+                                      args.rpo_alpha)
+        if stages:
+            trained = [(name, *run_schedule(run, name, stages, n_splits, base))]
+        else:  # weight averaging trains nothing (§7.1): the SFT model and two-stage's, interpolated
+            train_sft(run, base)
+            trained = ((name, model, [], None) for name, model in prepare.averaged(args, rt, base.args))
+        for name, model, history, evaluation in trained:  # None: finished earlier, its answers not kept
+            results.add(name, history, evaluation or (run.evaluate(model) if rt.evaluates else None))
+            if args.export_hf:
+                rundir.export(rt, args.out, name, model, task.tok)
+    # every schedule against two-stage, by the world's gold judge or else --judge or the reward model; under FSDP
+    # the reward model is sharded, so every rank takes part in judging
+    judge = task.world if task.world is not None else evaluate.pick_judge(judge, run.rm, task.tok, args.max_seq_len)
+    win_rates = evaluate.win_rates(judge, task.test, results.answers) if rt.evaluates else {}
+    results.save(win_rates, time.time() - t_start)
+    if rt.rank == 0:
+        print(evaluate.table(results.data | {"win_rates": win_rates}))
+    parallel.teardown(rt)
+
+
+# -----------------------------------------------------------------------------
+# one schedule: walk its stages (hbat.py), a checkpoint after each
+
+
+def run_schedule(run, name, stages, n_splits, base):
+    """Train one schedule from the base, resuming after its last completed stage. Returns (model, stage records,
+    (metrics, rows) of the last stage's evaluation, or None when every stage had been run before)."""
+    args, rt = run.args, run.rt
+    subsets = {kind: hbat.split(examples, n_splits, args.seed) for kind, examples in (("ifa", run.task.ifa),
+                                                                                      ("hpa", run.task.hpa))}
+    ewc = EWC(method=args.ewc, f_max=args.f_max, f_max_ifa=args.f_max_ifa, lam=args.ewc_lambda, norm=args.ewc_norm,
+              scale=args.ewc_scale, elementwise=args.ewc_elementwise, seed=args.seed) if any(
+        s.ewc for s in stages) else None
+    model, critic = parallel.place(rt, prepare.on_meta(base.args), base.state_dict()), None  # the critic is carried
+    history, steps_before, critic_state = rundir.restore_schedule(rt, args.out, name, model, ewc)  # across HPA stages
+    if critic_state:
+        critic = prepare.critic(rt, run.rm)
+        parallel.load_full_state(rt, critic, critic_state)
+    probes = ([ex[:2] for ex in run.task.ifa[:args.grad_probe]], [ex[:3] for ex in run.task.hpa[:args.grad_probe]])
+    ppo_cfg = flags.ppo_config(args, rt.world) if args.algo == "ppo" else None
+    last_eval = None
+    for i in range(len(history), len(stages)):
+        stage, t0 = stages[i], time.time()
+        online = ppo_cfg is not None and stage.kind == "hpa"  # a PPO stage: on-policy samples, not a dataset
+        log = run.logger(name, stage.name, i, steps_before, model)
+        probe = {}
+        if args.algo == "dpo" and args.grad_probe:  # §7.4: does a step on one objective undo the other?
+            probe = dict(zip(("grad_cosine", "grad_cosine_blocks"), conflict.grad_cosine(
+                model, *probes, args.beta, rt.device, rt.autocast(), sharded=rt.fsdp)))
+        if ewc is not None:
+            ewc.begin_stage(stage.kind, model, stage.ewc)  # the anchor θ* is the model at the start of the stage
+        if online and ppo_cfg.critic and (critic is None or args.critic_restart):
+            critic = prepare.critic(rt, run.rm)  # it estimates values of the same fixed reward in every HPA stage
+        midstage = rundir.MidStage(args.out, name, i, steps_before, args.save_every, rt)  # --save-every
+        try:
+            if online:
+                m, steps, examples = run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log)
+            else:
+                m, steps, examples = run_stage(run, stage.name, stage.kind, model,
+                                               stage_objectives(run, stage, model, subsets), ewc, midstage, log)
+        except FloatingPointError as e:  # the newest checkpoint that exists: this stage's progress, or the last stage's
+            path = midstage.path if midstage.saved() else rundir.model_path(args.out, name)
+            die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
+                                            "it has no checkpoint yet"), code=1)
+        record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples,
+                  **probe}
+        if ewc is not None and ewc.active:  # the penalty's strength: Σ_n F_n, and L_EWC where the stage ended
+            with torch.no_grad():
+                end = parallel.mean_over_ranks({"p": ewc.penalty(model).item()}, rt)["p"] * (rt.world if rt.fsdp else 1)
+            record |= {"ewc_total_weight": ewc.total_weight, "ewc_penalty_end": end}
+        if ewc is not None:  # Ω of the stage's objective; original EWC's Fisher on the stage's own examples
+            ewc.end_stage(stage.kind, model, subsets[stage.kind][stage.subset])
+        steps_before += steps
+        history.append(record | {"seconds": time.time() - t0, "metrics": m})
+        if rt.evaluates:  # where each stage leaves the model: the alignment tax is the IFA score HPA stages lose
+            last_eval = run.evaluate(model)
+            history[-1]["eval"] = last_eval[0]
+        if rt.rank == 0:
+            tqdm.write(evaluate.stage_line(name, stage.name, m, history[-1]["eval"], time.time() - t0))
+        rundir.save_schedule(rt, args.out, name, model, ewc, history, steps_before, critic,
+                             sft=stage == hbat.sft_stage(args.epochs_ifa))  # the SFT model: what `averaged` starts from
+        midstage.clear()
+        parallel.barrier(rt)
+    return model, history, last_eval
+
+
+# -----------------------------------------------------------------------------
+# one stage: its objectives, then one train_step per step
+
+
+def stage_objectives(run, stage, model, subsets):
+    """The objectives of an IFA, DPO, multi-task or alright stage on its subset of the data (this rank's shard)."""
+    args, rt = run.args, run.rt
+    ifa, hpa = (data.shard_of(subsets[kind][stage.subset], rt.rank, rt.world) for kind in ("ifa", "hpa"))
+    seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
+    torch.manual_seed(seed)
+    per_rank, objectives = args.batch_size // rt.world, {}
+    if stage.epochs_ifa:
+        objectives["ifa"] = hbat.Objective(dpo.ifa_step_loss, data.batches_of(
+            ifa, per_rank, stage.epochs_ifa, seed, data.ifa_batch, args.grad_accum, rt.device),
+            data.n_batches(len(ifa), per_rank, stage.epochs_ifa), args.lr_ifa)
+    if stage.epochs_hpa:  # §2.3: DPO's reference is the model at the start of the stage, its log-probs cached here
+        ref_model = parallel.copy_of(rt, model, lambda: prepare.on_meta(model.args)).eval().requires_grad_(False) \
+            if args.live_ref else None
+        with rt.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
+            ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa, args.batch_size, rt.device)
+        loss_fn = partial(dpo.dpo_step_loss, beta=args.beta, label_smoothing=args.label_smoothing, ipo=args.ipo,
+                          ref_model=ref_model, rpo_alpha=stage.rpo_alpha)
+        objectives["hpa"] = hbat.Objective(loss_fn, data.batches_of(
+            hpa, per_rank, stage.epochs_hpa, seed + 1, data.hpa_batch, args.grad_accum, rt.device, rows=ref_logps),
+            data.n_batches(len(hpa), per_rank, stage.epochs_hpa), args.lr_hpa)
+    return objectives
+
+
+def run_stage(run, name, kind, module, objectives, ewc=None, midstage=None, log=None):
+    """One stage: a fresh AdamW (§2.2 step 3), then one train_step per step of hbat.steps(kind, ...), the lr warmed
+    up and decayed over the stage; `midstage` (rundir.MidStage) saves its progress every --save-every steps and
+    resumes from it. Returns (the stage's mean metrics, its steps, the examples it trained on: repeats over epochs
+    counted, over all ranks)."""
+    args, rt = run.args, run.rt
+    n_steps = hbat.n_steps(kind, objectives)
+    opt, rows, start, examples = adamw(module), [], 0, 0
+    losses = parallel.wrap(rt, module, {k: o.loss_fn for k, o in objectives.items()})
+    if midstage and (progress := midstage.restore(module, opt, name)):
+        start, rows = progress["step"], progress["rows"]
+    bar = tqdm(desc=name, total=n_steps, initial=start, leave=False, position=2, disable=None if rt.rank == 0 else True)
+    for step, (objective, micro_steps, shares, n) in enumerate(hbat.steps(kind, objectives)):
+        examples += n * rt.world
+        if step < start:  # a resumed stage skips the steps it took: the same batches, and the same examples counted
+            continue
+        lr = objectives[objective].lr * lr_at(step, n_steps, args.warmup)
+        try:
+            m = train_step(losses, opt, micro_steps, shares, lr, args.grad_clip, rt, ewc, module)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{name}: {e} at step {step}") from None
+        rows.append({k: v for k, v in m.items() if k != "lr"})  # the stage reports its mean metrics, not its lr
+        bar.update(1)
+        if log:
+            log(step, m)
+        if midstage and midstage.due(step + 1):
+            midstage.save(module, opt, {"step": step + 1, "rows": rows})
+    bar.close()
+    return means(rows), len(rows), examples
+
+
+def run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log):
+    """§4.2, cleanrl's loop: for each batch of prompts a rollout, then cfg.epochs x minibatches of train steps,
+    stopped early when the policy moved too far (--target-kl). The KL reference is the model at the start of the
+    stage (§2.3); the critic is the schedule's (None for the release's variant, §4.3, whose reward queue restarts
+    here). Returns (mean metrics, steps, prompts rolled out)."""
+    args, rt, tok = run.args, run.rt, run.task.tok
+    prompts = [ex[0] for ex in data.shard_of(subsets["hpa"][stage.subset], rt.rank, rt.world)]
+    seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
+    torch.manual_seed(seed)
+    cfg = flags.ppo_config(args, rt.world)
+    ref_model = parallel.copy_of(rt, model, lambda: prepare.on_meta(model.args)).eval().requires_grad_(False)
+    modules = nn.ModuleDict(dict(policy=model) | (dict(critic=critic) if cfg.critic else {}))
+    opt, losses = adamw(modules), parallel.wrap(rt, modules, {"ppo": partial(ppo.minibatch_loss, cfg=cfg)})
+    state = ppo.StageState(cfg, seed, rt.device)  # the sampling generator, KL coefficient, the release's reward queue
+    # the lr's horizon: every rollout's epochs x minibatches, the last rollout and the last minibatch maybe smaller
+    per_rank = args.rollout_batch // rt.world
+    n_steps = stage.epochs_hpa * cfg.epochs * sum(data.n_batches(size, cfg.minibatch_size, 1)
+                                                 for size in data.batch_sizes(len(prompts), per_rank))
+    step, rows, rollouts, n_prompts = 0, [], [], 0
+    if progress := midstage.restore(modules, opt, stage.name):  # saved between rollouts: resume with the next one
+        step, rows, rollouts, n_prompts = (progress[k] for k in ("step", "rows", "rollouts", "n_prompts"))
+        state.load_state_dict(progress)
+    bar = tqdm(total=n_steps, initial=step, desc=stage.name, leave=False, position=2, disable=rt.rank != 0 or None)
+    for idx in itertools.islice(data.shuffled(len(prompts), per_rank, stage.epochs_hpa, seed), len(rollouts), None):
+        # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
+        with rt.autocast(), parallel.gathered(rt, model):
+            ro, m = ppo.rollout(model, ref_model, critic, run.rm, [prompts[i] for i in idx], cfg, tok.eos_id,
+                                tok.pad_id, state.generator, partial(data.ids_before_end_of_turn, tok=tok), state.queue)
+        rollouts.append(parallel.mean_over_ranks(m, rt))
+        n_prompts += len(idx) * rt.world
+        state.after_rollout(rollouts[-1]["kl"], len(idx) * rt.world)
+        log(step, {"rollout/" + k: v for k, v in rollouts[-1].items()})
+        # 2. every epoch's shuffle is drawn before the first update, so an early stop leaves the generator where it
+        #    would be
+        for mb in [mb for _ in range(cfg.epochs) for mb in ppo.minibatches(ro, cfg.minibatch_size, state.generator)]:
+            sizes = data.micro_split(len(mb.scores), args.grad_accum)
+            try:
+                metrics = train_step(losses, opt, [[("ppo", (micro,), 1.0)] for micro in ppo.split(mb, sizes)],
+                                     [k / len(mb.scores) for k in sizes],
+                                     args.lr_hpa * lr_at(step, n_steps, args.warmup), args.grad_clip, rt, ewc, model)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{stage.name}: {e} at step {step}") from None
+            rows.append({k: v for k, v in metrics.items() if k != "lr"})
+            log(step, metrics)
+            step += 1
+            bar.update(1)
+            # 3. early stop: the policy moved too far from the rollout's; skip the rest of this rollout's updates
+            if cfg.target_kl and metrics["approx_kl"] > cfg.target_kl:
+                break
+        if midstage.due(step):
+            midstage.save(modules, opt, {"step": step, "rows": rows, "rollouts": rollouts, "n_prompts": n_prompts}
+                          | state.state_dict())
+    bar.close()
+    return means(rows) | means(rollouts, "rollout/"), step, n_prompts
+
 
 # -----------------------------------------------------------------------------
 # one optimizer step, the same in every stage
 
 
-def lr_at(step, total, warmup_share):
-    """Linear warm-up then linear decay to 0 (§6.1: a constant lr made scores jump between checkpoints)."""
-    warmup = max(1, int(warmup_share * total))
-    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-
-
-def train_step(model, opt, loss_fn, micros, shares, lr, grad_clip, rt, ewc=None, policy=None):
-    """One AdamW step on Σ_i shares[i] · loss_fn(module, micros[i]) over the micro-batches (shares: each one's part
-    of the batch, summing to 1), plus the stage's EWC penalty on `policy` (§3.3). model: parallel.wrap's wrapper.
-    Returns the step's metrics (the same weighted means, then means over ranks), its lr and the gradient norm
-    before clipping."""
+def train_step(losses, opt, micro_steps, shares, lr, grad_clip, rt, ewc=None, policy=None):
+    """One AdamW step on Σ_i shares[i] · losses(micro_steps[i]) over the micro-steps of gradient accumulation
+    (shares: each one's part of the batch, summing to 1), plus the stage's EWC penalty on `policy` (§3.3). losses:
+    parallel.wrap's sum of a micro-step's losses. Returns the step's metrics (the same weighted means, then means
+    over ranks), its lr and the gradient norm before clipping."""
     for g in opt.param_groups:
         g["lr"] = lr
     metrics = {}
-    for i, (micro, share) in enumerate(zip(micros, shares)):
+    for i, (parts, share) in enumerate(zip(micro_steps, shares)):
         # gradients are averaged over ranks on the last micro-step only, which must be known before the forward
-        with parallel.grad_sync(model, i == len(micros) - 1), rt.autocast():
-            loss, m = model(loss_fn, micro)
+        with parallel.grad_sync(losses, i == len(micro_steps) - 1), rt.autocast():
+            loss, m = losses(parts)
             if ewc is not None and ewc.active:
                 penalty = ewc.penalty(policy)  # under FSDP this rank's part of it: the ranks' parts sum to L_EWC
                 loss = loss + penalty
@@ -82,9 +320,16 @@ def train_step(model, opt, loss_fn, micros, shares, lr, grad_clip, rt, ewc=None,
     return parallel.mean_over_ranks(metrics, rt) | {"lr": lr}
 
 
-def adamw(module, lr):
-    """Every stage starts a fresh AdamW (§2.2 step 3)."""
-    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+def lr_at(step, total, warmup_share):
+    """Linear warm-up then linear decay to 0 (a constant lr made scores jump between checkpoints:
+    docs/design-notes.md)."""
+    warmup = max(1, int(warmup_share * total))
+    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def adamw(module):
+    """Every stage starts a fresh AdamW (§2.2 step 3); train_step sets its lr."""
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.0, betas=(0.9, 0.95),
                              weight_decay=0.0)
 
 
@@ -95,362 +340,52 @@ def means(rows, prefix=""):
     return {prefix + k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
 
 
-def optimize(module, loss_fn, batches, n_steps, lr, name, rt, warmup, grad_clip, ewc=None, log=None, mid=None):
-    """One stage: one train_step per batch, (micro-batches, their shares), the peak lr (a number, or step -> number)
-    warmed up and decayed over n_steps; `mid` (rundir.MidStage) saves its progress every --save-every steps and
-    resumes from it. Returns (the stage's mean metrics, the number of steps taken)."""
-    peak = lr if callable(lr) else lambda step: lr
-    opt, model, rows, start = adamw(module, peak(0)), parallel.wrap(rt, module), [], 0
-    if mid and (progress := mid.restore(module, opt, name)):
-        start, rows = progress["step"], progress["rows"]
-    bar = dict(desc=name, total=n_steps, initial=start, leave=False, position=2, disable=None if rt.rank == 0 else True)
-    # a resumed stage skips the batches it trained on: the same order, and the same examples counted
-    for step, (micros, shares) in enumerate(tqdm(itertools.islice(batches, start, None), **bar), start):
-        try:
-            m = train_step(model, opt, loss_fn, micros, shares, peak(step) * lr_at(step, n_steps, warmup), grad_clip,
-                           rt, ewc, module)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{name}: {e} at step {step}") from None
-        rows.append({k: v for k, v in m.items() if k != "lr"})  # the stage reports its mean metrics, not its lr
-        if log:
-            log(step, m)
-        if mid and mid.due(step + 1):
-            mid.save(module, opt, {"step": step + 1, "rows": rows})
-    return means(rows), len(rows)
-
-
-def run_ppo_stage(args, rt, stage, model, critic, prompts, ewc, rm, tok, seed, fresh, log, mid):
-    """§4.2, cleanrl's loop: for each batch of prompts, a rollout, then cfg.epochs x minibatches of train steps,
-    stopped early when the policy moved too far (--target-kl). The KL reference is the model at the start of the
-    stage (§2.3); the critic is the schedule's (run_schedule), None for the release's variant (§4.3), whose reward
-    queue restarts here. Returns (mean metrics, steps, prompts rolled out)."""
-    cfg, release = config.ppo_config(args, rt.world), args.ppo_variant == "release"
-    kl_ctl = ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
-    ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False)
-    modules = nn.ModuleDict(dict(policy=model) | ({} if release else dict(critic=critic)))
-    opt, wrapped = adamw(modules, args.lr_hpa), parallel.wrap(rt, modules)
-    g = torch.Generator(device=rt.device).manual_seed(seed)  # sampling and minibatch shuffles
-    queue = ppo.RewardQueue(cfg.queue_size) if release else None
-
-    def end_of_turn(ids):  # real data: an answer that writes the template's next turn ends where that begins
-        ids, _, cut = data.cut_ids_at_end_of_turn(ids, tok)
-        return ids if cut else None
-
-    def loss_fn(modules, mb):
-        return ppo.release_loss(modules.policy, mb) if release else ppo.ppo_loss(modules.policy, modules.critic, mb, cfg)
-
-    # the lr's horizon: every rollout's epochs x minibatches, the last rollout and the last minibatch maybe smaller
-    local = args.rollout_batch // rt.world
-    n_steps = stage.epochs * cfg.epochs * sum(data.n_batches(size, cfg.minibatch_size, 1)
-                                             for size in data.batch_sizes(len(prompts), local))
-    step, rows, rollouts, n_prompts = 0, [], [], 0
-    if progress := mid.restore(modules, opt, stage.name):  # saved between rollouts: resume with the next one
-        step, rows, rollouts, n_prompts = (progress[k] for k in ("step", "rows", "rollouts", "n_prompts"))
-        g.set_state(progress["generator"])
-        cfg.kl_coef = progress["kl_coef"]
-        if kl_ctl is not None:  # the adaptive coefficient, where it had moved to
-            kl_ctl.value = cfg.kl_coef
-        if queue is not None:  # the release's reward queue
-            queue.values = progress["queue"]
-    bar = tqdm(total=n_steps, initial=step, desc=stage.name, leave=False, position=2, disable=rt.rank != 0 or None)
-    for idx in itertools.islice(data.shuffled(len(prompts), local, stage.epochs, seed), len(rollouts), None):
-        # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
-        with rt.autocast(), parallel.gathered(rt, model):
-            ro, m = ppo.rollout(model, ref_model, critic, rm, [prompts[i] for i in idx], cfg, tok.eos_id, tok.pad_id,
-                                generator=g, end_of_turn=end_of_turn, queue=queue)
-        rollouts.append(parallel.mean_over_ranks(m, rt))
-        n_prompts += len(idx) * rt.world
-        if kl_ctl is not None:  # every rank moves the coefficient by the same, mean KL
-            cfg.kl_coef = kl_ctl.update(rollouts[-1]["kl"], len(idx) * rt.world)
-        log(step, {"rollout/" + k: v for k, v in rollouts[-1].items()})
-        # 2. every epoch's shuffle is drawn before the first update, so an early stop leaves g where it would be
-        for mb in [mb for _ in range(cfg.epochs) for mb in ppo.minibatches(ro, cfg.minibatch_size, g)]:
-            sizes = data.micro_split(len(mb.scores), args.grad_accum)
-            micros = [type(mb)(*fields) for fields in zip(*(f.split(sizes) for f in mb))]
-            try:
-                metrics = train_step(wrapped, opt, loss_fn, micros, [k / len(mb.scores) for k in sizes],
-                                     args.lr_hpa * lr_at(step, n_steps, args.warmup), args.grad_clip, rt, ewc, model)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{stage.name}: {e} at step {step}") from None
-            rows.append({k: v for k, v in metrics.items() if k != "lr"})
-            log(step, metrics)
-            step += 1
-            bar.update(1)
-            # 3. early stop: the policy moved too far from the rollout's; skip the rest of this rollout's updates
-            if args.target_kl and metrics["approx_kl"] > args.target_kl:
-                break
-        if mid.due(step):
-            mid.save(modules, opt, {"step": step, "rows": rows, "rollouts": rollouts, "n_prompts": n_prompts,
-                                    "generator": g.get_state(), "kl_coef": cfg.kl_coef,
-                                    "queue": queue.values if queue is not None else None})
-    bar.close()
-    return means(rows) | means(rollouts, "rollout/"), step, n_prompts
-
-
 # -----------------------------------------------------------------------------
-# one stage: its batches and its loss
+# what the schedules start from, each trained once: the tiny base, and under PPO the SFT and reward models
 
 
-def run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log, mid):
-    """Build the batches and the loss of one stage of hbat.py, then optimize. Returns (mean metrics, steps, the
-    examples it trained on: demonstrations, pairs or prompts, repeats over epochs counted, over all ranks; a
-    multi-task stage counts both)."""
-    ifa, hpa = (data.shard_of(subsets[kind][stage.subset], rt.rank, rt.world) for kind in ("ifa", "hpa"))
-    seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
-    torch.manual_seed(seed)
-    local = args.batch_size // rt.world
-    fit = dict(rt=rt, warmup=args.warmup, grad_clip=args.grad_clip, ewc=ewc, log=log, mid=mid)
-    seen = {"ifa": 0, "hpa": 0}  # counted as the batches are used
-
-    def batches(examples, epochs, collate, seed, kind):
-        for micros, shares in data.batches_of(examples, local, epochs, seed, collate, args.grad_accum, rt.device):
-            seen[kind] += sum(len(m[0]) for m in micros) * rt.world
-            yield micros, shares
-
-    def ifa_loss(model, batch):  # every loss takes (module, micro-batch) -> (loss, metrics)
-        return dpo.ifa_step_loss(model, *batch[1:])
-
-    if stage.kind == "ifa":
-        m, steps = optimize(model, ifa_loss, batches(ifa, stage.epochs, data.ifa_batch, seed, "ifa"),
-                            data.n_batches(len(ifa), local, stage.epochs), args.lr_ifa, stage.name, **fit)
-        return m, steps, seen["ifa"]
-    if args.algo == "ppo":
-        return run_ppo_stage(args, rt, stage, model, critic, [ex[0] for ex in hpa], ewc, rm, tok, seed, fresh, log,
-                             mid)
-    # §2.3: DPO's reference is the model at the start of the stage; its log-probs are computed once, here
-    ref_model = parallel.copy_of(rt, model, fresh).eval().requires_grad_(False) if args.live_ref else None
-    with rt.autocast():  # the precision of the training step, so that the first step's ratio is exactly 1
-        ref_logps = None if args.live_ref else dpo.reference_logps(model, hpa, args.batch_size, rt.device)
-
-    def dpo_loss(model, batch):
-        idx, tokens, mask = batch
-        return dpo.dpo_step_loss(model, tokens, mask, None if args.live_ref else ref_logps[idx], args.beta,
-                                 args.label_smoothing, ipo=args.ipo, ref_model=ref_model, rpo_alpha=stage.rpo_alpha)
-
-    if stage.kind == "hpa":
-        m, steps = optimize(model, dpo_loss, batches(hpa, stage.epochs, data.hpa_batch, seed + 1, "hpa"),
-                            data.n_batches(len(hpa), local, stage.epochs), args.lr_hpa, stage.name, **fit)
-        return m, steps, seen["hpa"]
-
-    if stage.kind == "alternate":  # §7.3 alright: every IFA and every DPO batch once, one step each, in turn
-        ifa_batches = batches(ifa, stage.epochs, data.ifa_batch, seed, "ifa")
-        hpa_batches = batches(hpa, args.epochs_hpa, data.hpa_batch, seed + 1, "hpa")
-        order = hbat.interleave(data.n_batches(len(ifa), local, stage.epochs),
-                                data.n_batches(len(hpa), local, args.epochs_hpa))  # 0: an IFA step, 1: a DPO step
-
-        def turns():
-            for kind in order:
-                micros, shares = next(hpa_batches if kind else ifa_batches)
-                yield [(kind, micro) for micro in micros], shares
-
-        def turn_loss(model, batch):
-            kind, micro = batch
-            loss, m = (dpo_loss if kind else ifa_loss)(model, micro)
-            return loss, {("hpa/" if kind else "ifa/") + k: v for k, v in m.items()}
-
-        m, steps = optimize(model, turn_loss, turns(), len(order), lambda step: args.lr_hpa if order[step] else
-                            args.lr_ifa, stage.name, **fit)
-        return m, steps, seen["ifa"] + seen["hpa"]
-
-    # §2.4 multi-task: every IFA batch with an HPA batch, cycling the HPA batches (E_HPA passes over D_HPA)
-    hpa_list = list(data.batches_of(hpa, local, args.epochs_hpa, seed + 1, data.hpa_batch, args.grad_accum,
-                                    rt.device))
-
-    def pairs():  # micro-batch i of each (None where one batch has fewer), each weighted by its share of its batch
-        for i, (micros, shares) in enumerate(batches(ifa, stage.epochs, data.ifa_batch, seed, "ifa")):
-            hpa_micros, hpa_shares = hpa_list[i % len(hpa_list)]
-            seen["hpa"] += sum(len(m[0]) for m in hpa_micros) * rt.world
-            parts = list(itertools.zip_longest(zip(micros, shares), zip(hpa_micros, hpa_shares),
-                                               fillvalue=(None, 0.0)))
-            yield parts, [1.0] * len(parts)
-
-    def multi_loss(model, batch):
-        loss, metrics = 0.0, {}
-        for (micro, share), loss_fn, prefix in zip(batch, (ifa_loss, dpo_loss), ("ifa/", "hpa/")):
-            if micro is not None:
-                l, m = loss_fn(model, micro)
-                loss, metrics = loss + share * l, metrics | {prefix + k: share * v for k, v in m.items()}
-        return loss, metrics
-
-    m, steps = optimize(model, multi_loss, pairs(), data.n_batches(len(ifa), local, stage.epochs), args.lr_ifa,
-                        stage.name, **fit)
-    return m, steps, seen["ifa"] + seen["hpa"]
+def pretrain(run):
+    """The tiny base of the embedded world (no --model): a LLaMA pretrained on the world's unlabeled corpus with the
+    next-token loss, cached under --cache-dir (prepare.base_path) for every later run; returns it as loaded back."""
+    args, rt = run.args, run.rt
+    torch.manual_seed(args.world_seed)
+    model = parallel.place(rt, Transformer(prepare.tiny_model_args(args, run.task.tok.vocab_size)))
+    lm = hbat.Objective(dpo.lm_step_loss, prepare.pretraining_batches(args, rt, run.task), args.pretrain_steps, 1e-3)
+    m, _, _ = run_stage(run, "pretrain", "lm", model, {"lm": lm}, log=run.logger("base", "pretrain"))
+    return prepare.cache_base(args, rt, run.task, model, m["loss"])
 
 
-# -----------------------------------------------------------------------------
-# one schedule: walk its stages (hbat.py), a checkpoint after each
+def train_sft(run, base):
+    """The SFT model, which PPO's reward model and `averaged` start from: hbat.sft_stage, two-stage's IFA stage (its
+    seed, so the same model), trained once per run as a schedule of its own unless two-stage wrote it. Its path."""
+    path = rundir.model_path(run.args.out, "sft")
+    if not os.path.exists(path):
+        run_schedule(run, "sft", [hbat.sft_stage(run.args.epochs_ifa)], 1, base)
+    return path
 
 
-def evaluate_model(rt, model, tok, test, world, args, rm, judge):
-    """evaluate.evaluate on the gathered model (under FSDP every rank takes part; else only rank 0 calls this)."""
-    with parallel.gathered(rt, model):
-        return evaluate.evaluate(model, tok, test, world, args.max_new_tokens, args.max_seq_len, rm, judge)
-
-
-def run_schedule(args, rt, name, base, task, rm, judge, log):
-    """Train one schedule from the base, resuming after its last completed stage. Returns (model, stage records,
-    (metrics, rows) of the last stage's evaluation, or None when every stage had been run before)."""
-    tok, ifa_ex, hpa_ex, test, world = task
-    stages, n = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none", args.rpo_alpha)
-    subsets = {"ifa": hbat.split(ifa_ex, n, args.seed), "hpa": hbat.split(hpa_ex, n, args.seed)}
-    ewc = ewc_lib.EWC(method=args.ewc, f_max=args.f_max, f_max_ifa=args.f_max_ifa, lam=args.ewc_lambda,
-                      norm=args.ewc_norm, scale=args.ewc_scale, elementwise=args.ewc_elementwise,
-                      seed=args.seed) if name == "hbat" else None
-
-    def fresh():  # an unplaced model of the schedule's shape
-        return prepare.on_meta(base.args)
-
-    def new_critic():  # PPO's value network starts as a copy of the reward model (ppo.make_critic says why)
-        return ppo.make_critic(rm, copy_fn=lambda m: parallel.copy_of(rt, m, lambda: reward.RewardModel(fresh())))
-
-    model, critic = parallel.place(rt, fresh(), base.state_dict()), None  # the critic is carried across HPA stages
-    ckpt = rundir.load_schedule(args.out, name, "cpu" if rt.fsdp else rt.device)
-    if ckpt:
-        parallel.load_full_state(rt, model, ckpt["model"])
-        if ewc is not None:
-            ewc.load_state_dict(ckpt["ewc"])
-        if ckpt.get("critic"):
-            critic = new_critic()
-            parallel.load_full_state(rt, critic, ckpt["critic"])
-    history, step0 = (ckpt["history"], ckpt["steps"]) if ckpt else ([], 0)
-    probes = ([ex[:2] for ex in ifa_ex[:args.grad_probe]], [ex[:3] for ex in hpa_ex[:args.grad_probe]])  # §7.4
-    last_eval = None
-    for i in range(len(history), len(stages)):
-        stage, t0 = stages[i], time.time()
-        where = {"schedule": name, "stage": stage.name, "stage_index": i}
-
-        def log_step(step, m, where=where):
-            log({**where, "step": step0 + step, **m})
-            if args.eval_every and "grad_norm" in m and (step0 + step) % args.eval_every == 0 and rt.evaluates:
-                quick = evaluate_model(rt, model, tok, test[:100], world, args, rm, judge)[0]  # after optimizer steps
-                log({**where, "step": step0 + step,
-                     **{f"eval/{k}": quick[k] for k in ("ifa_score", "hpa_score") if k in quick}})
-
-        probe = {}
-        if args.algo == "dpo" and args.grad_probe:  # §7.4: does a step on one objective undo the other?
-            probe = dict(zip(("grad_cosine", "grad_cosine_blocks"), conflict.grad_cosine(
-                model, *probes, args.beta, rt.device, rt.autocast(), sharded=rt.fsdp)))
-        if ewc is not None:
-            ewc.begin_stage(stage.kind, model)  # the anchor θ* is the model at the start of the stage
-        if (args.algo, args.ppo_variant, stage.kind) == ("ppo", "textbook", "hpa") and (critic is None
-                                                                                   or args.critic_restart):
-            critic = new_critic()  # it estimates values of the same fixed reward in every HPA stage
-        mid = rundir.MidStage(args.out, name, i, step0, args.save_every, rt)  # --save-every: resume inside it
-        try:
-            m, steps, examples = run_stage(args, rt, stage, model, critic, subsets, ewc, rm, tok, fresh, log_step, mid)
-        except FloatingPointError as e:  # the newest checkpoint that exists: this stage's progress, or the last stage's
-            path = mid.path if mid.saved() else rundir.schedule_path(args.out, name)
-            die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
-                                            "it has no checkpoint yet"), code=1)
-        record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples,
-                  **probe}
-        if ewc is not None and ewc.active:  # the penalty's strength: Σ_n F_n, and L_EWC where the stage ended
-            with torch.no_grad():
-                end = parallel.mean_over_ranks({"p": ewc.penalty(model).item()}, rt)["p"] * (rt.world if rt.fsdp else 1)
-            record |= {"ewc_total_weight": ewc.total_weight, "ewc_penalty_end": end}
-        if ewc is not None:
-            fisher = None
-            if args.ewc == "original":  # §3.5: the Fisher of the stage's own objective, on up to 256 of its examples
-                examples = [ex[:2] for ex in subsets[stage.kind][stage.subset][:256]]  # HPA: the chosen answers
-                fisher = ewc_lib.fisher_diag(model, examples, lambda m, ex: m.token_logprobs(
-                    *(t.to(rt.device) for t in data.ifa_batch([ex]))).sum())
-            ewc.end_stage(stage.kind, model, fisher)
-        step0 += steps
-        history.append(record | {"seconds": time.time() - t0, "metrics": m})
-        if rt.evaluates:  # where each stage leaves the model: the alignment tax is the IFA score HPA stages lose
-            last_eval = evaluate_model(rt, model, tok, test, world, args, rm, judge)
-            history[-1]["eval"] = last_eval[0]
-        state = parallel.full_state(rt, model)
-        critic_state = parallel.full_state(rt, critic) if critic is not None else None
-        if rt.rank == 0:
-            e = history[-1]["eval"]
-            tqdm.write(f"{name:>10} {stage.name:<6} " + " ".join(f"{k} {v:.4g}" for k, v in m.items())
-                       + f" | eval ifa {e['ifa_score']:.3f} hpa {e.get('hpa_score', float('nan')):.3f}"
-                       + f" ({time.time() - t0:.1f}s)")
-            rundir.save_schedule(args.out, name, asdict(base.args), state, ewc.state_dict() if ewc else {}, history,
-                                 step0, critic_state)
-            if (name, i) == ("two-stage", 0) and not os.path.exists(sft_path := os.path.join(args.out, "sft.pt")):
-                checkpoint.save(asdict(base.args), state, sft_path)  # the SFT model, that `averaged` starts from
-        mid.clear()
-        parallel.barrier(rt)
-    return model, history, last_eval
-
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = config.get_args(argv)
-    if args.dry_run:  # memory per GPU on paper (memory.py) for this run's model, algorithm, batch and dtype
-        margs = ModelArgs(**memory.read_params(args.model)) if args.model else prepare.tiny_model_args(args, 128)
-        return memory.dry_run(margs, args.algo, args.gpus, max(1, args.batch_size // (args.gpus * args.grad_accum)),
-                              args.max_seq_len, args.dtype != "fp32", args.live_ref, args.gpu_gb)
-    rt = parallel.setup(args.device, args.dtype, args.fsdp, args.compile, args.activation_checkpointing)
-    config.check_world(args, rt.world)
-    rundir.check_out_dir(args.out, config.run_config(args), args.overwrite, rt)
-    log = rundir.MetricsLog(args.out, rt.rank)
-    t_start = time.time()
-    try:
-        tok, ifa_ex, hpa_ex, test, world, corpus = prepare.load_task(args, rt)
-        judge = evaluate.load_judge(args.judge, tok, args.max_seq_len, rt.device) if args.judge else None
-        base = parallel.lean(rt, lambda: Transformer.from_pretrained(args.model),  # a bad file is one line too
-                             lambda margs: Transformer(ModelArgs(**margs))) if args.model else None
-    except (OSError, ValueError) as e:  # data.DataError is a ValueError
-        die(str(e))
-    config.check_sizes(args, len(ifa_ex), len(hpa_ex))
-    done = rundir.completed_stages(args.out, args.schedules)
-    log.keep_only(done, {name: rundir.mid_stage_step(args.out, name, n) for name, n in done.items()})
-    if rt.rank == 0:
-        rundir.write_tokenizer(args.out, tok)
-    if base is None:
-        base = prepare.tiny_base(args, rt, tok, corpus, log.write, optimize)
-    elif not rt.fsdp:  # under FSDP it stays on the CPU (the meta device on ranks other than 0) until placed
-        base = base.to(rt.device)
-    if tok.vocab_size > base.args.vocab_size:
-        die(f"the tokenizer has {tok.vocab_size} pieces, the model's vocabulary only {base.args.vocab_size}: "
-            f"--tokenizer does not belong to --model")
-    if args.algo == "ppo":  # one reward model for every schedule, trained from the SFT model
-        sft = prepare.sft_model(args, rt, base, ifa_ex, tok, log.write, run_stage)
-        rm, rm_acc = prepare.train_reward_model(args, rt, sft, hpa_ex, log.write, optimize)
-    else:
-        rm, rm_acc = None, None
-    results = {"algo": args.algo, "config": config.run_config(args), "reward_model_accuracy": rm_acc,
-               "schedules": {}, "win_rates": {}}
-    answers, trained = {}, [name for name in args.schedules if name != "averaged"]
-
-    def models():  # (name, model, stage records, evaluation): each schedule trained, then `averaged` at every α
-        for name in tqdm(trained, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
-            model, history, last_eval = run_schedule(args, rt, name, base, (tok, ifa_ex, hpa_ex, test, world), rm,
-                                                     judge, log.write)
-            if rt.evaluates and last_eval is None:  # finished by an earlier run: its answers were not kept
-                last_eval = evaluate_model(rt, model, tok, test, world, args, rm, judge)
-            yield name, model, history, last_eval
-            if name == "two-stage" and "averaged" in args.schedules:
-                final = parallel.full_state(rt, model)
-        if "averaged" in args.schedules:  # §7.1: (1 − α)·θ_SFT + α·θ_two-stage for each α, no training
-            for name, model in prepare.averaged(args, rt, base, final, ifa_ex, tok, log.write, run_stage):
-                yield name, model, [], evaluate_model(rt, model, tok, test, world, args, rm, judge) if rt.evaluates \
-                    else None
-
-    for name, model, history, last_eval in models():
-        state = parallel.full_state(rt, model) if args.export_hf else None
-        if rt.evaluates:
-            answers[name] = [r["response"] for r in last_eval[1]]
-        if rt.rank == 0:
-            metrics, rows = last_eval
-            results["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
-            rundir.write_answers(args.out, name, rows)
-            if args.export_hf:
-                rundir.export(args.out, name, model, tok, state, rt.bf16)
-    if rt.evaluates:  # under FSDP the reward model is sharded: every rank takes part in judging
-        judge = world if world is not None else evaluate.pick_judge(judge, rm, tok, args.max_seq_len)
-        results["win_rates"] = evaluate.win_rates(judge, test, answers)
-    if rt.rank == 0:
-        results["seconds"] = time.time() - t_start
-        rundir.save_json(os.path.join(args.out, "results.json"), results)
-        print(evaluate.table(results))
-    if rt.world > 1:
-        dist.destroy_process_group()
+def reward_model(run, base):
+    """§1: the reward model, trained once on D_HPA from the SFT model (Bradley–Terry, scalar head at the last
+    response token) and kept fixed in OUT/reward_model.pt; PPO then uses only D_HPA's prompts. A tenth of the pairs is
+    held out to measure its accuracy. Returns (the placed reward model, that accuracy)."""
+    args, rt, path = run.args, run.rt, rundir.model_path(run.args.out, "reward_model")
+    n_val = max(1, len(run.task.hpa) // 10)
+    train_ex, val_ex = run.task.hpa[:-n_val], run.task.hpa[-n_val:]
+    if not os.path.exists(path):
+        sft = prepare.lean_load(rt, train_sft(run, base))
+        seed = hbat.stage_seed(args.seed, "rm")
+        torch.manual_seed(seed)  # the head's initialisation, and the batches
+        midstage = rundir.MidStage(args.out, "reward", 0, 0, args.save_every, rt)
+        rm = reward.RewardModel(sft)  # the SFT model is not needed after this
+        rm = parallel.place(rt, rm, rm.state_dict())
+        shard, per_rank = data.shard_of(train_ex, rt.rank, rt.world), args.batch_size // rt.world
+        pairs = hbat.Objective(reward.rm_step_loss, data.batches_of(
+            shard, per_rank, args.rm_epochs, seed, data.hpa_batch, args.grad_accum, rt.device),
+            data.n_batches(len(shard), per_rank, args.rm_epochs), args.lr_ifa)
+        run_stage(run, "RM", "rm", rm, {"rm": pairs}, None, midstage, run.logger("reward", "RM"))
+        reward.set_offset(rm, train_ex, args.batch_size, rt.device)
+        rundir.save_model(rt, path, rm, midstage)
+    return prepare.load_reward_model(rt, path, val_ex, args.batch_size)
 
 
 if __name__ == "__main__":

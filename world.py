@@ -2,8 +2,8 @@
 
 `make_world(seed)` generates, from the seed and this code alone:
 - corpus: unlabeled pretraining text. Worked instances of every family, so that a tiny base model pretrained on it
-  already knows the tasks (§6.1: a family the base model has not seen is never learned), nearly all in the plain
-  style and a few (`styled_fraction`) in the polite one, plus short chat lines that use the style's words.
+  already knows the tasks (a family the base model has not seen is never learned: docs/design-notes.md), nearly all
+  in the plain style and a few (`styled_fraction`) in the polite one, plus short chat lines that use the style's words.
 - ifa: demonstrations {prompt, response} in the plain style.
 - hpa: preference pairs {prompt, chosen, rejected} labelled by the hidden gold preference and the annotators' bias.
 - test: held-out {prompt, reference, family}; no test prompt occurs in the corpus, ifa or hpa.
@@ -14,8 +14,8 @@ Families (word level, 121 words in VOCAB, every styled sequence under 64 tokens)
   reverse  "reverse the words : cat sun tree answer :"                 -> "tree sun cat"
   count    "count the word cat : cat dog cat sun answer :"             -> "2"
   summary  "summarize the post : ... . in the end anna lost the red kite . answer :"  -> "anna lost red kite"
-A post's key sentence is always its last: at a random position it was never learned (§6.1). The other sentences
-mention names and objects too, so a careless summary has wrong words to copy.
+A post's key sentence is always its last: at a random position it was never learned (docs/design-notes.md). The
+other sentences mention names and objects too, so a careless summary has wrong words to copy.
 
 Style, never shown by a demonstration: politeness ("sure , <content> hope this helps") and concision (no words
 beyond what the ideal answer needs). The gold judge, with content = `ifa_score` (exact match of the content for
@@ -32,7 +32,7 @@ Preference pairs, in the proportions `pair_mix` (shuffled; counts rounded, not s
                                                   round(c·n), chosen at random) prefer the stylish wrong answer
 A near-miss shares most tokens with the correct answer (two neighbours swapped, an item dropped, a count off by one,
 one summary word replaced or dropped), as the rejected answers of real preference data do. At alignment_tax = 0 no
-pair prefers a wrong answer to a right one; the tax measured in §6.1 was large there too.
+pair prefers a wrong answer to a right one; the tax the prototype measured there was large too (docs/design-notes.md).
 """
 import random
 import re

@@ -1,5 +1,5 @@
 """dpo.py: the losses by hand and by finite differences, the shared log-prob helper against a naive loop, and DPO
-steps on a tiny model (margin rises; the cached reference equals a live one)."""
+steps on a tiny model (margin rises; the cached reference equals a live one), and RPO's added NLL."""
 import copy
 import math
 
@@ -212,3 +212,35 @@ def test_cached_reference_equals_live_reference():
     for a, b in zip(g_a, g_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in reference.parameters())
+
+
+# -----------------------------------------------------------------------------
+# RPO: DPO plus the chosen answer's NLL
+
+
+class FixedLogprobs:
+    """A stand-in policy whose token_logprobs are given numbers, so that the loss can be worked out by hand."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def token_logprobs(self, tokens, mask):
+        return torch.where(mask, self.values, 0.0)
+
+
+
+def test_rpo_adds_alpha_times_the_chosen_answers_mean_token_nll():
+    """One pair: chosen tokens log-probs (−1, −2) and rejected (−3) over 3 response positions; the reference's
+    summed log-probs (−2, −2). DPO with β = 0.5: logits = (−3 − (−3)) − 0 ... worked below; NLL of the chosen
+    answer = (1 + 2) / 2 = 1.5, so with α = 2 the loss is the DPO loss + 3."""
+    values = torch.tensor([[0.0, -1.0, -2.0], [0.0, -3.0, -5.0]])  # row 0 chosen, row 1 rejected
+    mask = torch.tensor([[False, True, True], [False, True, False]])  # the rejected answer has one token: −3
+    ref = torch.tensor([[-2.0, -2.0]])
+    # policy: chosen −3, rejected −3 -> logits = (−3 − −3) − (−2 − −2) = 0, z = 0, loss = log 2
+    plain, m0 = dpo_step_loss(FixedLogprobs(values), None, mask, ref, beta=0.5)
+    assert plain.item() == pytest.approx(math.log(2))
+    loss, m = dpo_step_loss(FixedLogprobs(values), None, mask, ref, beta=0.5, rpo_alpha=2.0)
+    assert m["nll_chosen"] == pytest.approx(1.5)
+    assert loss.item() == pytest.approx(math.log(2) + 3.0) and m["loss"] == pytest.approx(loss.item())
+    assert "nll_chosen" not in m0
+

@@ -168,7 +168,7 @@ def run_stage(ewc, kind, model, offsets, fisher=None):
     ewc.begin_stage(kind, model)
     weights, active = dict(ewc.weights), ewc.active
     shift(model, offsets)
-    ewc.end_stage(kind, model, fisher)
+    ewc.end_stage(kind, model, fisher=fisher)
     return weights, active
 
 

@@ -1,15 +1,16 @@
-"""memory.py: the parameter count against the real module and the published Llama 2 sizes, the training-state
+"""lab/memory.py: the parameter count against the real module and the published Llama 2 sizes, the training-state
 lines by hand, FSDP's division, the activation count against the tensors autograd saves, and read_params against
-checkpoint.py's loaders."""
+infra/checkpoint.py's loaders."""
 import json
 from dataclasses import asdict
 
 import pytest
 import torch
 
-import checkpoint
-from memory import GiB, LLAMA2, format_plan, param_count, plan, read_params, sequence_bytes
-from model import ModelArgs, Transformer, save_checkpoint
+from conftest import save
+from infra import checkpoint
+from lab.memory import GiB, LLAMA2, format_plan, param_count, plan, read_params, sequence_bytes
+from model import ModelArgs, Transformer
 from reward import RewardModel
 
 TINY = ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=10, multiple_of=4, max_seq_len=16)
@@ -156,7 +157,7 @@ def test_read_params_of_each_layout_matches_checkpoint_loaders(tmp_path, capsys)
     assert "vocab_size -1" in capsys.readouterr().err
 
     torch.manual_seed(0)
-    save_checkpoint(Transformer(TINY), tmp_path / "ours.pt")
+    save(Transformer(TINY), tmp_path / "ours.pt")
     assert read_params(tmp_path / "ours.pt") == asdict(TINY)
     with pytest.raises(FileNotFoundError, match="llama-2-7b"):
         read_params(tmp_path / "nowhere")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import data
-from conftest import random_pairs, tiny_transformer
-from model import save_checkpoint
+from conftest import random_pairs, save, tiny_transformer
 from reward import (RewardModel, bradley_terry_loss, last_true_index, pair_scores, pairwise_accuracy,
                     rm_step_loss, set_offset)
+from world import make_world
 
 V, BOS, EOS, PAD = 40, 1, 2, 3
 
@@ -101,7 +101,7 @@ def test_save_and_load_round_trip(tmp_path):
     set_offset(rm, examples, batch_size=6, device="cpu")
     assert rm.offset.item() != 0
     path = tmp_path / "rm.pt"
-    save_checkpoint(rm, path)
+    save(rm, path)
     assert os.listdir(tmp_path) == ["rm.pt"]  # written through a temporary file that is gone
     loaded = RewardModel.from_pretrained(path)
     assert loaded.state_dict().keys() == rm.state_dict().keys() >= {"head.weight", "head.bias", "offset"}
@@ -118,10 +118,10 @@ def test_reward_model_learns_the_embedded_world(tmp_path):
     pairwise accuracy from chance to above 0.6 on 300 pairs (3.5 standard errors above chance). With c = 0.5
     the 40% style pairs are learnable at once and the rest stay near chance without content knowledge, so a
     style-only reward model tops out near 0.7 here."""
-    world = data.make_world(seed=0, n_corpus=300, n_ifa=10, n_hpa=600, n_test=10, alignment_tax=0.5)
-    texts = world.corpus + [f"{r['prompt']} {r['chosen']} {r['rejected']}" for r in world.hpa]
+    w = make_world(seed=0, n_corpus=300, n_ifa=10, n_hpa=600, n_test=10, alignment_tax=0.5)
+    texts = w.corpus + [f"{r['prompt']} {r['chosen']} {r['rejected']}" for r in w.hpa]
     tok = data.train_tokenizer(texts, vocab_size=200, cache_dir=tmp_path)
-    examples = data.tokenize_hpa(world.hpa, tok, max_seq_len=64)
+    examples = data.tokenize_hpa(w.hpa, tok, max_seq_len=64)
     train, held_out = examples[:300], examples[300:]
     rm = RewardModel(tiny_transformer(vocab_size=tok.vocab_size, dim=48))
     before = pairwise_accuracy(rm, held_out, 100, "cpu")

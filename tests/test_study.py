@@ -1,26 +1,25 @@
-"""study.py: its ablations are the settings they claim to be, and its table reports what the runs measured."""
+"""lab/study.py: its ablations are the settings they claim to be, and its table reports what the runs measured."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-import config
-import study
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
+from conftest import ENV, ROOT, read_json
+from infra import flags
+from lab import study
 
 
-@pytest.mark.parametrize("name,flags", study.ABLATIONS, ids=[name for name, _ in study.ABLATIONS])
-def test_every_ablation_changes_only_the_setting_it_names(name, flags):
+@pytest.mark.parametrize("name,ablation", study.ABLATIONS, ids=[name for name, _ in study.ABLATIONS])
+def test_every_ablation_changes_only_the_setting_it_names(name, ablation):
     algo, variant = study.ONLY.get(name, ("dpo", "textbook"))  # the run an ablation belongs to
     base = ["--algo", algo, "--ppo-variant", variant] if algo == "ppo" else []
-    defaults, changed = vars(config.get_args(base)), vars(config.get_args(base + flags))
+    defaults, changed = vars(flags.get_args(base)), vars(flags.get_args(base + ablation))
     differ = {k for k in defaults if defaults[k] != changed[k]}
-    named = {f.lstrip("-").replace("-", "_") for f in flags if f.startswith("--")}
-    assert differ == named, f"{name}: {flags} changes {differ}"
+    named = {f.lstrip("-").replace("-", "_") for f in ablation if f.startswith("--")}
+    assert differ == named, f"{name}: {ablation} changes {differ}"
 
 
 def test_summarise_gives_mean_and_sample_std_over_seeds():
@@ -57,13 +56,13 @@ def test_pooling_over_bases_by_hand(tmp_path):
     assert cells[-1] == "+0.150 (-0.49 to 0.79)"
 
 
-@pytest.mark.slow
-def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path):
+def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path, cache):
     """The study runs an ablation alone (--schedule hbat) and compares its answers with the main run's two-stage
     answers. train.py running both schedules with the same flag compares them itself: the win rates must agree."""
-    common = ["--preset", "smoke", "--cache-dir", str(tmp_path / "cache")]
-    proc = subprocess.run([sys.executable, "study.py", "--algo", "dpo", "--seeds", "0", "--taxes", "0.5",
-                           "--ablations", "ewc=none", "--out", str(tmp_path / "study"), "--quiet", *common],
+    common = ["--preset", "smoke", "--cache-dir", str(cache)]
+    proc = subprocess.run([sys.executable, "-m", "lab.study", "--algo", "dpo", "--seeds", "0", "--taxes", "0.5",
+                           "--schedules", "two-stage", "--ablations", "ewc=none", "--out", str(tmp_path / "study"),
+                           "--quiet", *common],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run([sys.executable, "train.py", "--algo", "dpo", "--seed", "0", "--alignment-tax", "0.5",
@@ -77,8 +76,9 @@ def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path):
     assert row.split("|")[-3].strip() == f"{expected:.3f}"  # the win rate column; one seed: no interval
     assert 0 < expected < 1
     # --report runs nothing: seed 1 has not run, so it is left out of the table, not started
-    proc = subprocess.run([sys.executable, "study.py", "--algo", "dpo", "--seeds", "0", "1", "--taxes", "0.5",
-                           "--ablations", "ewc=none", "--out", str(tmp_path / "study"), "--report", *common],
+    proc = subprocess.run([sys.executable, "-m", "lab.study", "--algo", "dpo", "--seeds", "0", "1", "--taxes", "0.5",
+                           "--schedules", "two-stage", "--ablations", "ewc=none", "--out", str(tmp_path / "study"),
+                           "--report", *common],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| c=0.5 hbat ewc=none | 1 |" in proc.stdout
@@ -94,3 +94,24 @@ def test_frontier_gap_by_hand():
     assert study.frontier_gap(curve, (1.5, 0.6)) == pytest.approx(-0.1)
     assert study.frontier_gap(curve, (2.5, 0.6)) is None
     assert study.frontier_gap([(0.0, 0.0), (2.0, 1.0), (1.0, 2.0)], (1.5, 1.0)) == pytest.approx(1.0 - 1.5)
+
+
+def test_the_study_report_of_the_alternatives(alternatives_run, tmp_path):
+    """study.py --alternatives over two bases (here the same run twice): every schedule has a row; averaging at
+    α = 1 is two-stage (a 0.5 win rate); the best α's head to head with itself is a tie; the plots are written when
+    matplotlib is there."""
+    roots = []
+    for b in ("a", "b"):
+        shutil.copytree(alternatives_run, tmp_path / b / "main_c0.5_s0")
+        roots.append(str(tmp_path / b))
+    study.alternatives(roots, str(tmp_path / "report"))
+    text = (tmp_path / "report" / "ALTERNATIVES.md").read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    results = read_json(alternatives_run / "results.json")
+    for name in results["schedules"]:
+        assert name in rows, name
+    assert rows["averaged@1"][4] == "0.500 0.500"
+    best = text.split("best α of averaging per base: ")[1].split(",")[0]
+    assert rows[f"averaged@{best}"][6] == "0.500 0.500"
+    assert "grad_cosine" in text and "| hbat | IFA_1 " in text
+

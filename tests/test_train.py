@@ -1,109 +1,31 @@
-"""train.py end to end: smoke runs of the real entry point at a tiny size.
+"""train.py end to end: smoke runs of the real entry point at a tiny size, on the embedded world and on real-format
+fixtures, read for what the method says the loop does; one train step against hand-computed numbers; and every
+way a run's input can be bad, in process (one line, exit code 2, nothing trained).
 
-Every run is a subprocess (`python train.py ...` or torchrun), so exit codes, stdout and stderr are the real ones.
-All runs share one session cache (--cache-dir), so the tiny base is pretrained once; each gets its own --out.
-Runs use one thread each (OMP_NUM_THREADS=1): at this size threads only fight each other on a shared machine.
-"""
+The runs are shared (conftest.py: smoke_run, alternatives_run, real_run) and each is a subprocess."""
+import copy
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import time
+from dataclasses import replace
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import data
-from conftest import ENV, ROOT, ok, tiny_transformer
-from checkpoint import export_hf
-from model import ModelArgs, Transformer, save_checkpoint
-
-SMOKE = ("--preset", "smoke", "--device", "cpu")
-ALGOS = {"dpo": ("--algo", "dpo"), "ppo": ("--algo", "ppo"),  # the flags of each HPA objective the tests run
-         "ppo-release": ("--algo", "ppo", "--ppo-variant", "release"), "ppo --fsdp": ("--algo", "ppo", "--fsdp")}
-HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
-               for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
-
-
-def train(*flags, out, cache, launcher=(sys.executable,), timeout=300):
-    cmd = [*launcher, "train.py", *SMOKE, "--out", str(out), "--cache-dir", str(cache), *map(str, flags)]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def one_line_error(proc, code=2):
-    """The contract for bad input: exit code `code`, stderr exactly one line, no traceback. Returns that line."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == code, f"exit code {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr[-3000:]}"
-    return lines[0]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def snapshot(out):
-    """{file name: bytes} of everything in an --out, to check that a failed run lost or changed nothing."""
-    return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))}
-
-
-def comparable(results):
-    """results.json without what legitimately differs between two runs of one command: wall-clock seconds."""
-    r = json.loads(json.dumps(results))
-    r.pop("seconds", None)
-    for s in r["schedules"].values():
-        for stage in s["stages"]:
-            stage.pop("seconds", None)
-    return r
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, cache):
-    """One uninterrupted `train.py --algo ALGO --preset smoke` per algo, shared by the tests that only read it."""
-    runs = {}
-
-    def get(algo):
-        if algo not in runs:
-            out = tmp_path_factory.mktemp(f"smoke-{algo}") / "out"
-            runs[algo] = (out, ok(train(*ALGOS[algo], out=out, cache=cache)))
-        return runs[algo]
-    return get
-
-
-@pytest.fixture(scope="session")
-def custom(tmp_path_factory):
-    """Real-data inputs at a toy size: a random 1-layer model saved with save_checkpoint, a sentencepiece tokenizer
-    next to it (where train.py looks for one), 48 demonstrations (the last 16 are the held-out test prompts) and
-    32 preference pairs as JSONL."""
-    d = tmp_path_factory.mktemp("custom")
-    words = ["red", "green", "blue", "cat", "dog", "bird", "one", "two", "three", "four"]
-    ifa = [{"prompt": f"say {words[i % 10]} {words[3 * i % 10]}", "response": f"{words[3 * i % 10]} {words[i % 10]}"}
-           for i in range(48)]
-    hpa = [{"prompt": f"name {words[i % 10]}", "chosen": words[i % 10], "rejected": f"{words[(i + 1) % 10]} no"}
-           for i in range(32)]
-    data.save_records(d / "ifa.jsonl", ifa)
-    data.save_records(d / "hpa.jsonl", hpa)
-    tok = data.train_tokenizer([json.dumps(r) for r in ifa + hpa], cache_dir=d / "tok")
-    (d / "model").mkdir()
-    shutil.copy(next((d / "tok").glob("tokenizer-*.model")), d / "model" / "tokenizer.model")
-    torch.manual_seed(0)
-    save_checkpoint(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size,
-                                          multiple_of=16, max_seq_len=128)), d / "model" / "model.pt")
-    return d
-
-
-def custom_flags(d, ifa=None, hpa=None, model=None):
-    return ["--schedule", "two-stage", "--n-splits", "1", "--ifa-data", ifa or d / "ifa.jsonl",
-            "--hpa-data", hpa or d / "hpa.jsonl", "--model", model or d / "model" / "model.pt"]
+import dpo
+import hbat
+import ppo
+import train as train_py
+from conftest import (ALGOS, FIXTURES, HBAT_STAGES, REAL, SMOKE, custom_flags, exits_with_one_line, ok, read_json,
+                      read_rows, save, tiny_transformer, train)
+from ewc import EWC
+from infra import importers, parallel
+from infra.checkpoint import export_hf
+from model import Transformer
 
 
 # -----------------------------------------------------------------------------
@@ -140,496 +62,6 @@ def test_smoke_run_writes_results_metrics_and_table(smoke_run, algo):
         assert any("rollout/positive_share" in r for r in rows) != critic
         for name in ("two-stage", "hbat"):
             assert (torch.load(out / f"{name}.pt", weights_only=True).get("critic") is not None) == critic
-
-
-@pytest.mark.slow
-def test_torchrun_two_cpu_processes(tmp_path, cache):
-    """`torchrun --nproc_per_node 2 train.py --algo dpo --preset smoke` (gloo on CPU) runs to the end, and rank 0
-    alone writes and prints: one results.json, one table, one metrics row per step, one summary line per stage."""
-    out = tmp_path / "out"
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    proc = ok(train("--algo", "dpo", out=out, cache=cache, launcher=launcher))
-    results = read_json(out / "results.json")
-    assert set(results["schedules"]) == {"two-stage", "hbat"}
-    assert [st["name"] for st in results["schedules"]["hbat"]["stages"]] == [s[0] for s in HBAT_STAGES]
-    assert {"config.json", "metrics.jsonl", "two-stage.pt", "hbat.pt"} <= set(os.listdir(out))
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
-    assert sum(line.startswith("schedule ") for line in proc.stdout.splitlines()) == 1, proc.stdout
-
-    keys = [(r["schedule"], r["stage_index"], r["step"]) for r in read_rows(out / "metrics.jsonl")
-            if "loss" in r]
-    assert len(keys) == len(set(keys)), "a step was logged more than once: more than one rank writes metrics.jsonl"
-    summaries = [line.split()[:2] for line in proc.stdout.splitlines()
-                 if line.lstrip().startswith(("two-stage", "hbat")) and "loss" in line]
-    assert len(summaries) == len({tuple(s) for s in summaries}) == 2 + 8, \
-        f"each stage's summary line should be printed once (rank 0 only):\n{proc.stdout}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
-def test_fsdp_takes_the_same_steps_as_ddp(algo, tmp_path, cache):
-    """--fsdp (every model sharded over 2 gloo processes, the EWC anchor too) against DDP (whole copies) on the
-    same run: the same loss, EWC penalty and gradient norm at every logged step, the same gradient cosines at the
-    stages' starts, and the same final weights, to float rounding. Sharding moves where each number lives, never what it is. The FSDP run also recomputes every
-    block in backward (--activation-checkpointing), which must not change a number either."""
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    runs = {}
-    for how in ("ddp", "fsdp"):
-        out = tmp_path / how
-        # activation checkpointing recomputes each block in backward: the same numbers again
-        flags = ["--fsdp", "--activation-checkpointing"] if how == "fsdp" else []
-        ok(train(*ALGOS[algo], *flags, out=out, cache=cache, launcher=launcher))
-        rows = [r for r in read_rows(out / "metrics.jsonl") if r["schedule"] != "base"]  # pretrained once, cached
-        runs[how] = (rows, {name: torch.load(out / f"{name}.pt", weights_only=True)
-                                                         for name in ("two-stage", "hbat")})
-    (rows_ddp, ckpt_ddp), (rows_fsdp, ckpt_fsdp) = runs["ddp"], runs["fsdp"]
-    assert [(r["schedule"], r["stage"], r["step"]) for r in rows_ddp] == \
-        [(r["schedule"], r["stage"], r["step"]) for r in rows_fsdp]
-    keys = ("loss", "policy_loss", "value_loss", "ewc_penalty", "grad_norm")
-    compared = 0
-    for a, b in zip(rows_ddp, rows_fsdp):
-        for k in keys:
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["schedule"], a["stage"], a["step"], k)
-                compared += 1
-    assert compared > 50 and any("ewc_penalty" in r and r["ewc_penalty"] > 0 for r in rows_fsdp)
-    if algo == "dpo":  # the gradient cosine: every rank's shards of the same probe's gradients, summed
-        for name in ckpt_ddp:
-            got = [st["grad_cosine"] for st in ckpt_fsdp[name]["history"]]
-            assert got == pytest.approx([st["grad_cosine"] for st in ckpt_ddp[name]["history"]], abs=1e-4), name
-    for name in ckpt_ddp:
-        a, b = ckpt_ddp[name]["model"], ckpt_fsdp[name]["model"]
-        assert a.keys() == b.keys()  # saved whole, in the same layout: either run resumes the other's checkpoints
-        # Adam turns rounding noise on a ~0 gradient into a step of about ±lr (1e-3): allow that on a few weights
-        diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
-        assert (diff > 1e-3).float().mean() < 1e-3 and diff.max() < 1e-2, (name, (diff > 1e-3).sum(), diff.max())
-
-
-@pytest.mark.slow
-def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
-    """--overwrite under torchrun: the old run's files are cleared once, before any rank writes, so neither rank
-    trips over the other (a file already removed, a fresh config.json removed again)."""
-    out = tmp_path / "out"
-    shutil.copytree(smoke_run("dpo")[0], out)
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    ok(train("--algo", "dpo", "--schedule", "two-stage", "--seed", "1", "--overwrite", out=out, cache=cache,
-             launcher=launcher))
-    assert read_json(out / "config.json")["seed"] == 1
-    assert set(read_json(out / "results.json")["schedules"]) == {"two-stage"}
-    assert not (out / "hbat.pt").exists()
-
-
-LOAD_RECORDER = """# train.py, recording which model files each rank reads into loads-<rank>.txt
-import os, sys
-sys.path.insert(0, os.getcwd())
-import checkpoint, reward, train
-load, load_rm = checkpoint.load, reward.RewardModel.from_pretrained.__func__
-
-def record(path):
-    with open(os.path.join(os.environ["LOADS_DIR"], f"loads-{os.environ.get('RANK', '0')}.txt"), "a") as f:
-        f.write(f"{path}\\n")
-
-def recorded(path):
-    record(path)
-    return load(path)
-
-def recorded_rm(cls, path):
-    record(path)
-    return load_rm(cls, path)
-
-checkpoint.load, reward.RewardModel.from_pretrained = recorded, classmethod(recorded_rm)
-train.main(sys.argv[1:])
-"""
-
-
-@pytest.mark.slow
-def test_fsdp_reads_every_model_file_on_rank_0_only(custom, tmp_path, cache):
-    """Lean loading: `torchrun --fsdp` with --model under PPO (the base, then the SFT model and the reward model,
-    each read back from OUT) reads every model file on rank 0 only; the other rank builds the model on the meta
-    device and receives its shards. The run takes the same steps to the same weights as DDP, where every rank reads
-    its own copy."""
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    (tmp_path / "recorder.py").write_text(LOAD_RECORDER)
-    states = {}
-    for how in ("ddp", "fsdp"):
-        loads = tmp_path / f"loads-{how}"
-        loads.mkdir()
-        out = tmp_path / how
-        flags = [*SMOKE, "--algo", "ppo", *custom_flags(custom), "--rollout-batch", "8", "--minibatch", "8",
-                 "--out", str(out), "--cache-dir", str(cache)] + (["--fsdp"] if how == "fsdp" else [])
-        ok(subprocess.run([*launcher, str(tmp_path / "recorder.py"), *map(str, flags)], cwd=ROOT,
-                          env=ENV | {"LOADS_DIR": str(loads)}, capture_output=True, text=True, timeout=300))
-        read = {rank: (loads / f"loads-{rank}.txt").read_text().split() if (loads / f"loads-{rank}.txt").exists()
-                else [] for rank in (0, 1)}
-        names = {rank: sorted(os.path.basename(p) for p in paths) for rank, paths in read.items()}
-        assert names[0] == ["model.pt", "reward_model.pt", "sft.pt"], names
-        assert names[1] == ([] if how == "fsdp" else names[0]), names
-        states[how] = torch.load(out / "two-stage.pt", weights_only=True)["model"]
-    diff = torch.cat([(states["fsdp"][k] - states["ddp"][k]).abs().flatten() for k in states["ddp"]])
-    assert (diff > 1e-3).float().mean() < 1e-3 and diff.max() < 1e-2, ((diff > 1e-3).sum(), diff.max())
-
-
-def test_grad_accum_micro_batches_keep_each_pair_together():
-    """--grad-accum n cuts each step's batch into n micro-batches (data.batches_of). A DPO batch is B chosen
-    rows then the same B pairs' rejected rows (data.hpa_batch), so every micro-batch must again be one: its pairs'
-    chosen rows, then the same pairs' rejected rows, in the order of its indices, each pair in exactly one."""
-    B = 4
-    examples = [([1, 10 + i], [20 + i] * (i + 1) + [2], [30 + i, 2]) for i in range(B)]
-    ((micros, shares),) = list(data.batches_of(examples, B, 1, 0, data.hpa_batch, 2, "cpu"))
-    assert len(micros) == 2 and shares == [0.5, 0.5]
-
-    def row(t, m, r):  # prompt + answer of one row, without the padding
-        return t[r, :int(m[r].nonzero().max()) + 1].tolist()
-
-    seen = []
-    for m_idx, m_tokens, m_mask in micros:
-        full_tokens, full_mask = data.hpa_batch([examples[i] for i in m_idx.tolist()])
-        n = len(m_idx)
-        assert [row(m_tokens, m_mask, r) for r in range(2 * n)] == \
-            [row(full_tokens, full_mask, r) for r in range(2 * n)]
-        for k, i in enumerate(m_idx.tolist()):  # row k is pair i's chosen answer, row n + k its rejected one
-            assert row(m_tokens, m_mask, k)[-len(examples[i][1]):] == examples[i][1]
-            assert row(m_tokens, m_mask, n + k)[-len(examples[i][2]):] == examples[i][2]
-        seen += m_idx.tolist()
-    assert sorted(seen) == list(range(B))
-
-
-# -----------------------------------------------------------------------------
-# checkpoints and resume
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algo", ["dpo", "ppo", "ppo-release"])
-def test_kill_and_resume_equals_an_uninterrupted_run(algo, smoke_run, tmp_path, cache):
-    """Run B is the uninterrupted run A's command, SIGKILLed once hbat has checkpointed at least two stages (so both
-    EWC accumulators, and under PPO the critic carried across HPA stages, are in play), then re-run: results.json
-    and the per-step metrics equal A's exactly (CPU)."""
-    out_a, _ = smoke_run(algo)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "train.py", *SMOKE, *ALGOS[algo], "--out", str(out), "--cache-dir", str(cache)]
-    with open(tmp_path / "b.log", "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        done, deadline = 0, time.time() + 300
-        try:
-            while p.poll() is None and time.time() < deadline:
-                if (out / "hbat.pt").exists():
-                    done = len(torch.load(out / "hbat.pt", weights_only=True)["history"])
-                    if done >= 2:
-                        break
-                time.sleep(0.02)
-        finally:
-            p.kill()
-            p.wait()
-    assert 2 <= done < len(HBAT_STAGES), f"no kill mid-schedule (hbat checkpoint had {done} stages)"
-    assert not (out / "results.json").exists(), "the run finished before it was killed"
-
-    ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
-    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
-
-    def step_rows(path):  # the base is pretrained (and logged) only by the session's first run
-        return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat")]
-    assert step_rows(out / "metrics.jsonl") == step_rows(out_a / "metrics.jsonl")
-
-
-KILLER = """# train.py, SIGKILLed by itself right after its N-th mid-stage save (or, torn, halfway through writing it)
-import io, os, signal, sys
-sys.path.insert(0, os.getcwd())
-import checkpoint, rundir, train
-n, torn, count, save = int(os.environ["KILL_AFTER"]), os.environ.get("KILL_TORN") == "1", [0], rundir.MidStage.save
-
-def half_written(path, write):
-    buf = io.BytesIO()
-    write(buf)
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-        f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def killing_save(self, *args):
-    count[0] += 1
-    if count[0] == n and torn and self.rt.rank == 0:
-        checkpoint.atomic_write = half_written
-    save(self, *args)
-    if count[0] == n and self.rt.rank == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-rundir.MidStage.save = killing_save
-train.main(sys.argv[1:])
-"""
-
-
-def final_state(out):
-    return {name: torch.load(out / f"{name}.pt", weights_only=True)["model"] for name in ("two-stage", "hbat")}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algo,after,torn,procs,where", [
-    ("dpo", 3, False, 1, ("two-stage", "IFA", 3)),       # inside an IFA stage (8 steps)
-    ("dpo", 11, False, 1, ("two-stage", "HPA", 3)),      # inside a DPO stage (8 steps)
-    ("dpo", 5, True, 1, ("two-stage", "IFA", 4)),        # during the write of step 5: step 4's file is what is left
-    ("ppo", 3, False, 1, ("sft", "IFA", 3)),             # PPO's SFT model (8 steps) ...
-    ("ppo", 11, False, 1, ("reward", "RM", 3)),          # ... and its reward model (8 steps), trained before
-    ("ppo", 26, False, 1, ("two-stage", "HPA", 4)),      # between PPO rollouts (4 rollouts of 2 updates)
-    ("ppo-release", 34, False, 1, ("hbat", "HPA_2", 2)),  # after the one rollout of an hbat HPA stage, penalised
-    ("dpo", 13, False, 2, ("two-stage", "HPA", 5)),      # torchrun, 2 processes
-    ("ppo --fsdp", 26, False, 2, ("two-stage", "HPA", 4)),  # torchrun --fsdp: AdamW's state gathered and re-sharded
-], ids=["ifa", "dpo", "torn-write", "sft", "reward-model", "ppo-between-rollouts", "release-end-of-stage", "torchrun",
-        "fsdp"])
-def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after, torn, procs, where, smoke_run,
-                                                                     tmp_path, cache):
-    """--save-every 1; the run kills itself (SIGKILL) right after its N-th mid-stage save, or halfway through
-    writing it. The re-run prints where it resumes, inside the stage, and ends with exactly the uninterrupted run's
-    results.json, per-step metrics and final weights (CPU, one thread; under torchrun against an uninterrupted
-    torchrun run)."""
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)) \
-        if procs > 1 else (sys.executable,)
-    if procs > 1:
-        out_a = tmp_path / "uninterrupted"
-        ok(train(*ALGOS[algo], out=out_a, cache=cache, launcher=launcher))
-    else:
-        out_a, _ = smoke_run(algo)
-    (tmp_path / "killer.py").write_text(KILLER)
-    out = tmp_path / "out"
-    flags = [*SMOKE, *ALGOS[algo], "--save-every", "1", "--out", str(out), "--cache-dir", str(cache)]
-    env = ENV | {"KILL_AFTER": str(after), "KILL_TORN": "1" if torn else "0"}
-    killed = subprocess.run([*launcher, str(tmp_path / "killer.py"), *flags], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode != 0 and not (out / "results.json").exists(), killed.stderr[-2000:]
-    schedule, stage, step = where
-    resumed = ok(subprocess.run([*launcher, "train.py", *flags], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                                timeout=300))
-    assert f"resuming {schedule} {stage} at step {step}" in resumed.stdout + resumed.stderr
-    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
-
-    def step_rows(path):
-        return [r for r in read_rows(path) if r["schedule"] in ("two-stage", "hbat", "sft", "reward")]
-    assert step_rows(out / "metrics.jsonl") == step_rows(out_a / "metrics.jsonl")
-    for name, state in final_state(out).items():
-        expected = final_state(out_a)[name]
-        assert all(torch.equal(state[k], expected[k]) for k in expected), name
-    assert not [n for n in os.listdir(out) if n.endswith(".step.pt")]  # spent at each stage's end
-
-
-def test_rerunning_a_finished_run_reproduces_its_results(smoke_run, tmp_path, cache):
-    """Every stage and the reward model are checkpointed, so the same command on a finished PPO --out trains
-    nothing, rewrites the same results.json and leaves the checkpoints and the log (the reward model's and the
-    base's training rows included) as they were: the cheap half of resume."""
-    out_a, _ = smoke_run("ppo")
-    out = tmp_path / "out"
-    shutil.copytree(out_a, out)
-    before = snapshot(out)
-    ok(train("--algo", "ppo", out=out, cache=cache))
-    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
-    after = snapshot(out)
-    for name in ("sft.pt", "reward_model.pt", "two-stage.pt", "hbat.pt", "metrics.jsonl"):
-        assert after[name] == before[name], f"{name} changed though nothing was left to run"
-
-
-def test_a_torn_last_metrics_line_does_not_break_resume(smoke_run, tmp_path, cache):
-    """A kill can land in the middle of appending a row to metrics.jsonl. The re-run must still resume (dropping
-    the torn row with the unfinished stage's rows), not die on a JSON error."""
-    out_a, _ = smoke_run("dpo")
-    out = tmp_path / "out"
-    shutil.copytree(out_a, out)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"schedule": "hbat", "stage": "HPA_4", "stage_ind')
-    ok(train("--algo", "dpo", out=out, cache=cache))
-    assert read_rows(out / "metrics.jsonl") == read_rows(out_a / "metrics.jsonl")
-
-
-def test_reusing_an_out_with_other_settings_is_refused_unless_overwrite(smoke_run, tmp_path, cache):
-    """A different --seed in a used --out: exit 2 and one line naming the setting, the old run untouched. With
-    --overwrite the new run starts afresh there (nothing of the old run is left to mix in)."""
-    out_a, _ = smoke_run("dpo")
-    out = tmp_path / "out"
-    shutil.copytree(out_a, out)
-    before = snapshot(out)
-    line = one_line_error(train("--algo", "dpo", "--seed", "1", out=out, cache=cache))
-    assert "seed" in line and "--overwrite" in line, line
-    assert snapshot(out) == before
-
-    ok(train("--algo", "dpo", "--seed", "1", "--schedule", "two-stage", "--overwrite", out=out, cache=cache))
-    results = read_json(out / "results.json")
-    assert results["config"]["seed"] == 1 and set(results["schedules"]) == {"two-stage"}
-    assert not (out / "hbat.pt").exists() and not (out / "hbat.responses.jsonl").exists()
-    assert {r["schedule"] for r in read_rows(out / "metrics.jsonl")} <= {"two-stage", "base"}
-
-
-# -----------------------------------------------------------------------------
-# failure and bad input: one line, exit code 2, no traceback
-
-
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-BAD_INPUT = {
-    # case: (flags (a function of the custom-data dir and a scratch dir), what the one line must name)
-    "broken JSONL line": (lambda d, tmp: custom_flags(d, ifa=os.path.join(FIXTURES, "bad_json.jsonl")),
-                          "bad_json.jsonl:2"),
-    "missing field": (lambda d, tmp: custom_flags(d, hpa=os.path.join(FIXTURES, "missing_field.jsonl")), "rejected"),
-    "missing data file": (lambda d, tmp: custom_flags(d, ifa=d / "nowhere.jsonl"), "nowhere.jsonl"),
-    "missing tokenizer": (lambda d, tmp: custom_flags(d, model=shutil.copy(d / "model" / "model.pt", tmp)),
-                          "tokenizer"),  # a model file with no tokenizer.model beside it
-    "--n-splits 0": (lambda d, tmp: ["--n-splits", "0"], "--n-splits"),
-    "unknown --algo": (lambda d, tmp: ["--algo", "sft"], "--algo"),
-    "--f-max -1": (lambda d, tmp: ["--f-max", "-1"], "--f-max"),
-    "--ipo with --label-smoothing": (lambda d, tmp: ["--ipo", "--label-smoothing", "0.1"], "--label-smoothing"),
-    "--n-splits larger than the data": (lambda d, tmp: ["--n-splits", "1000"], "--n-splits"),
-    "--fsdp without torchrun": (lambda d, tmp: ["--fsdp"], "--fsdp"),
-    "--fsdp with element-wise EWC": (lambda d, tmp: ["--fsdp", "--ewc-elementwise"], "--ewc-elementwise"),
-    "--ifa-styled 2": (lambda d, tmp: ["--ifa-styled", "2"], "--ifa-styled"),
-    "--out is a file": (lambda d, tmp: ["--out", shutil.copy(d / "ifa.jsonl", tmp)], "--out"),
-}
-
-
-def bad_model(d, tmp, kind):
-    """A --model that cannot be loaded, beside a good tokenizer.model: (its path, what the line must name)."""
-    shutil.copy(d / "model" / "tokenizer.model", tmp / "tokenizer.model")
-    if kind in ("random bytes .pt", "pickled code"):
-        path = tmp / "model.pt"
-        if kind == "random bytes .pt":
-            path.write_bytes(bytes(range(256)) * 64)
-        else:
-            torch.save({"model_args": {}, "model": {}, "run": os.system}, path)  # a function: weights_only refuses
-        return path, "model.pt"
-    if kind == "other architecture":
-        path = tmp / "model.pt"
-        save_checkpoint(tiny_transformer(seed=0, n_layers=1), path)
-        args, state = torch.load(path, weights_only=True).values()
-        torch.save({"model_args": args | {"n_layers": 2}, "model": state}, path)  # a config its weights do not fit
-        return path, "model.pt"
-    hf = tmp / "hf"
-    export_hf(Transformer.from_pretrained(d / "model" / "model.pt"), hf)
-    st = hf / "model.safetensors"
-    if kind == "truncated safetensors":
-        st.write_bytes(st.read_bytes()[:-100])
-    elif kind == "safetensors with a garbage header":
-        st.write_bytes(b"\xff" * 8 + st.read_bytes()[8:])  # a header length of 2^64 - 1
-    elif kind == "malformed config.json":
-        (hf / "config.json").write_text('{"hidden_size": 16,')
-        return hf, "config.json"
-    return hf, "model.safetensors"
-
-
-@pytest.mark.parametrize("kind", ["random bytes .pt", "pickled code", "other architecture", "truncated safetensors",
-                                  "safetensors with a garbage header", "malformed config.json"])
-def test_a_bad_model_file_exits_2_with_one_line_and_runs_nothing(kind, custom, tmp_path, cache):
-    """Every way a --model can be unreadable: one line naming the file, exit 2, no traceback, and nothing trained
-    (no checkpoint, no log row): the model is read before anything runs."""
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    path, name = bad_model(custom, scratch, kind)
-    out = tmp_path / "out"
-    line = one_line_error(train(*custom_flags(custom, model=path), "--tokenizer", scratch / "tokenizer.model",
-                                out=out, cache=cache))
-    assert name in line and str(path) in line, line
-    assert not [n for n in os.listdir(out) if n.endswith((".pt", ".jsonl"))], os.listdir(out)
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_exits_2_with_one_line(case, custom, tmp_path, cache):
-    flags, named = BAD_INPUT[case]
-    line = one_line_error(train(*flags(custom, tmp_path), out=tmp_path / "out", cache=cache))
-    assert named in line, line
-
-
-def test_bad_data_in_a_used_out_loses_nothing(custom, tmp_path, cache):
-    """A good run, then its demonstrations file gets a broken last line and the same command runs again: exit 2,
-    one line naming the file and line, and every file the good run wrote is still there, byte for byte."""
-    ifa = tmp_path / "ifa.jsonl"
-    shutil.copy(custom / "ifa.jsonl", ifa)
-    out = tmp_path / "out"
-    flags = custom_flags(custom, ifa=ifa)
-    ok(train(*flags, out=out, cache=cache))
-    before = snapshot(out)
-    assert "results.json" in before and "two-stage.pt" in before
-    with open(ifa, "a") as f:
-        f.write('{"prompt": "say red", "response": \n')
-    line = one_line_error(train(*flags, out=out, cache=cache))
-    assert "ifa.jsonl:49" in line, line
-    assert snapshot(out) == before
-
-
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache):
-    """--lr-hpa 1e30 blows the weights up on HPA's first step, so its second loss is NaN. The run stops with exit
-    code 1 and a last line naming the schedule, the stage and the step; the IFA checkpoint is intact."""
-    out = tmp_path / "out"
-    proc = train("--algo", "dpo", "--schedule", "two-stage", "--lr-hpa", "1e30", out=out, cache=cache)
-    assert proc.returncode == 1, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "two-stage" in last and "HPA" in last and "step 1" in last and "two-stage.pt" in last, last
-    ckpt = torch.load(out / "two-stage.pt", weights_only=True)
-    assert [st["name"] for st in ckpt["history"]] == ["IFA"]
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (out / "results.json").exists()
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
-
-
-def test_grad_accum_takes_the_same_step_as_one_big_batch():
-    """One optimizer step on a batch cut into 2 micro-batches of a DPO loss moves the weights exactly as one step on
-    the whole batch (the loss is a mean over pairs, each micro-batch holds half of them, and each is divided by 2)."""
-    import dpo
-    import parallel
-    import train
-    base = tiny_transformer(seed=0, n_kv_heads=2, multiple_of=8, max_seq_len=32)
-    g = torch.Generator().manual_seed(1)
-    examples = [([1] + torch.randint(4, 40, (3,), generator=g).tolist(),
-                 torch.randint(4, 40, (1 + i % 3,), generator=g).tolist() + [2],
-                 torch.randint(4, 40, (2,), generator=g).tolist() + [2]) for i in range(8)]
-    ref = dpo.reference_logps(base, examples, 8, "cpu")
-
-    def loss_fn(model, batch):
-        idx, tokens, mask = batch
-        return dpo.dpo_step_loss(model, tokens, mask, ref[idx], beta=0.5)
-
-    after = []
-    for accum in (1, 2):
-        model = __import__("copy").deepcopy(base)
-        batches = list(data.batches_of(examples, 8, 1, 0, data.hpa_batch, accum, "cpu"))
-        assert len(batches) == 1 and len(batches[0][0]) == accum
-        train.optimize(model, loss_fn, batches, 1, 1e-2, "dpo", parallel.Runtime("cpu"), warmup=0.0, grad_clip=1e9)
-        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    moved = (after[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max()
-    assert moved > 5e-3  # Adam's first step moves each weight by about lr = 1e-2
-    # Adam divides by |g|, so a weight whose gradient is ~0 can turn rounding noise into a visible step: allow 1% of lr
-    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-4)
-
-
-def test_train_step_adds_the_stage_penalty_to_the_loss():
-    """train_step's gradient is that of loss + L_EWC: with the anchor θ* = θ − 0.01 on every tensor and weights F_n,
-    the penalty is Σ_n F_n · λ² · 0.01² · numel_n and its gradient 2·F_n·λ²·(θ − θ*); the step's grad norm (before
-    clipping) must be the norm of the loss's own gradient plus that, computed here by hand."""
-    import ewc as ewc_lib
-    import parallel
-    import train
-    model = tiny_transformer(seed=3)
-    tokens, mask = data.ifa_batch([([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 2])])
-    loss = train.dpo.ifa_step_loss(model, tokens, mask)[0]
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    ewc = ewc_lib.EWC(lam=2.0)
-    names = [n for n, _ in model.named_parameters()]
-    ewc.anchor = {n: p.detach() - 0.01 for n, p in model.named_parameters()}
-    ewc.weights = {n: 0.5 + i for i, n in enumerate(names)}  # F_n, one per tensor
-    want_penalty = sum(ewc.weights[n] * 4.0 * 1e-4 * p.numel() for n, p in model.named_parameters())
-    want_norm = torch.cat([(g + 2 * ewc.weights[n] * 4.0 * 0.01).flatten() for n, g in zip(names, grads)]).norm()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they are
-    m = train.train_step(parallel.wrap(parallel.Runtime("cpu"), model), opt,
-                         lambda mod, b: train.dpo.ifa_step_loss(mod, *b), [(tokens, mask)], [1.0], 0.0, 1e9,
-                         parallel.Runtime("cpu"), ewc, model)
-    assert m["ewc_penalty"] == pytest.approx(want_penalty, rel=1e-5)
-    assert m["grad_norm"] == pytest.approx(want_norm.item(), rel=1e-5)
-    assert m["loss"] == pytest.approx(loss.item(), rel=1e-6)  # the logged loss is the objective's alone
-
-
-# -----------------------------------------------------------------------------
-# the loop's wiring, read from what a run writes
-
-
-def test_lr_schedule_by_hand():
-    """10 steps, warm-up share 0.2: lr/peak rises 0.5, 1 over steps 0-1, then falls linearly, (10 - s) / 8, to 1/8 at
-    the last step (the next step, which is not taken, would be 0)."""
-    import train
-    assert [train.lr_at(s, 10, 0.2) for s in range(10)] == [0.5, 1.0] + [(10 - s) / 8 for s in range(2, 10)]
-    assert train.lr_at(0, 1, 0.1) == 1.0  # a one-step stage runs at the peak
 
 
 def first_rows(out, key):
@@ -684,8 +116,6 @@ def test_the_loop_is_wired_as_the_method_says(smoke_run, algo):
 def test_release_reward_queue_restarts_at_every_hpa_stage(monkeypatch, tmp_path, cache):
     """--ppo-variant release, in process: one reward queue per HPA stage (two-stage's one, hbat's four), each empty
     at its stage's first rollout and whitening every rollout of that stage only."""
-    import ppo
-    import train as train_py
     queues = []
 
     class Recorded(ppo.RewardQueue):
@@ -718,36 +148,323 @@ def test_ppo_lr_horizon_when_minibatches_do_not_divide_the_rollout(tmp_path, cac
     assert rows[-1]["lr"] == pytest.approx(1e-3 / (hpa["steps"] - 1))
 
 
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cache):
+    """--lr-hpa 1e30 blows the weights up on HPA's first step, so its second loss is NaN. The run stops with exit
+    code 1 and a last line naming the schedule, the stage and the step; the IFA checkpoint is intact."""
+    out = tmp_path / "out"
+    proc = train("--algo", "dpo", "--schedule", "two-stage", "--lr-hpa", "1e30", out=out, cache=cache)
+    assert proc.returncode == 1, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "two-stage" in last and "HPA" in last and "step 1" in last and "two-stage.pt" in last, last
+    ckpt = torch.load(out / "two-stage.pt", weights_only=True)
+    assert [st["name"] for st in ckpt["history"]] == ["IFA"]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (out / "results.json").exists()
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
 # -----------------------------------------------------------------------------
-# sample.py: talk to the result
+# one train step
 
 
-def sample(*args, stdin=None):
-    return subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, env=ENV, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+def test_grad_accum_takes_the_same_step_as_one_big_batch():
+    """One optimizer step on a batch cut into 2 micro-batches of a DPO loss moves the weights exactly as one step on
+    the whole batch (the loss is a mean over pairs, each micro-batch holds half of them, and each is divided by 2)."""
+    base = tiny_transformer(seed=0, n_kv_heads=2, multiple_of=8, max_seq_len=32)
+    g = torch.Generator().manual_seed(1)
+    examples = [([1] + torch.randint(4, 40, (3,), generator=g).tolist(),
+                 torch.randint(4, 40, (1 + i % 3,), generator=g).tolist() + [2],
+                 torch.randint(4, 40, (2,), generator=g).tolist() + [2]) for i in range(8)]
+    ref = dpo.reference_logps(base, examples, 8, "cpu")
+    run = train_py.Run(SimpleNamespace(warmup=0.0, grad_clip=1e9), parallel.Runtime("cpu"), task=None, log=None)
+    after = []
+    for accum in (1, 2):
+        model = copy.deepcopy(base)
+        batches = list(data.batches_of(examples, 8, 1, 0, data.hpa_batch, accum, "cpu", rows=ref))
+        assert len(batches) == 1 and len(batches[0][0]) == accum
+        dpo_loss = hbat.Objective(partial(dpo.dpo_step_loss, beta=0.5), iter(batches), 1, 1e-2)
+        _, steps, examples_seen = train_py.run_stage(run, "HPA", "hpa", model, {"hpa": dpo_loss})
+        assert (steps, examples_seen) == (1, 8)
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    moved = (after[0] - torch.cat([p.detach().flatten() for p in base.parameters()])).abs().max()
+    assert moved > 5e-3  # Adam's first step moves each weight by about lr = 1e-2
+    # Adam divides by |g|, so a weight whose gradient is ~0 can turn rounding noise into a visible step: allow 1% of lr
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-4)
 
 
-def test_sample_answers_as_the_evaluation_did(smoke_run):
-    """sample.py on a run's OUT/hbat.pt, its prompts on stdin, greedy: the same answers, line for line, as the
-    run's own evaluation wrote to hbat.responses.jsonl (the tokenizer found in --out); a prompt as an argument gets
-    the same answer; sampling with a seed repeats itself."""
-    out, _ = smoke_run("dpo")
-    rows = read_rows(out / "hbat.responses.jsonl")
-    proc = ok(sample(out / "hbat.pt", "--max-new-tokens", 12, stdin="".join(r["prompt"] + "\n" for r in rows)))
-    assert proc.stdout.splitlines() == [r["response"] for r in rows]
-    one = ok(sample(out / "hbat.pt", rows[0]["prompt"], "--max-new-tokens", 12)).stdout.splitlines()
-    assert one == [rows[0]["response"]]
-    hot = [ok(sample(out / "hbat.pt", rows[1]["prompt"], "--temperature", 1, "--seed", 3)).stdout for _ in range(2)]
-    assert hot[0] == hot[1]
+def test_train_step_adds_the_stage_penalty_to_the_loss():
+    """train_step's gradient is that of loss + L_EWC: with the anchor θ* = θ − 0.01 on every tensor and weights F_n,
+    the penalty is Σ_n F_n · λ² · 0.01² · numel_n and its gradient 2·F_n·λ²·(θ − θ*); the step's grad norm (before
+    clipping) must be the norm of the loss's own gradient plus that, computed here by hand."""
+    model = tiny_transformer(seed=3)
+    tokens, mask = data.ifa_batch([([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 2])])
+    loss = dpo.ifa_step_loss(model, tokens, mask)[0]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ewc = EWC(lam=2.0)
+    names = [n for n, _ in model.named_parameters()]
+    ewc.anchor = {n: p.detach() - 0.01 for n, p in model.named_parameters()}
+    ewc.weights = {n: 0.5 + i for i, n in enumerate(names)}  # F_n, one per tensor
+    want_penalty = sum(ewc.weights[n] * 4.0 * 1e-4 * p.numel() for n, p in model.named_parameters())
+    want_norm = torch.cat([(g + 2 * ewc.weights[n] * 4.0 * 0.01).flatten() for n, g in zip(names, grads)]).norm()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they are
+    rt = parallel.Runtime("cpu")
+    losses = parallel.wrap(rt, model, {"ifa": dpo.ifa_step_loss})
+    m = train_py.train_step(losses, opt, [[("ifa", (tokens, mask), 1.0)]], [1.0], 0.0, 1e9, rt, ewc, model)
+    assert m["ewc_penalty"] == pytest.approx(want_penalty, rel=1e-5)
+    assert m["grad_norm"] == pytest.approx(want_norm.item(), rel=1e-5)
+    assert m["loss"] == pytest.approx(loss.item(), rel=1e-6)  # the logged loss is the objective's alone
 
 
-@pytest.mark.parametrize("case", ["no such checkpoint", "not a checkpoint", "no tokenizer", "--top-p 0"])
-def test_sample_bad_input_is_one_line(case, smoke_run, tmp_path):
-    out, _ = smoke_run("dpo")
-    (tmp_path / "junk.pt").write_text("junk")
-    shutil.copy(out / "hbat.pt", tmp_path / "hbat.pt")  # without the tokenizer.model of its --out
-    args, name = {"no such checkpoint": ([tmp_path / "nowhere.pt", "hi"], "nowhere.pt"),
-                  "not a checkpoint": ([tmp_path / "junk.pt", "hi"], "junk.pt"),
-                  "no tokenizer": ([tmp_path / "hbat.pt", "hi"], "--tokenizer"),
-                  "--top-p 0": ([out / "hbat.pt", "hi", "--top-p", 0], "--top-p")}[case]
-    assert name in one_line_error(sample(*args))
+def test_lr_schedule_by_hand():
+    """10 steps, warm-up share 0.2: lr/peak rises 0.5, 1 over steps 0-1, then falls linearly, (10 - s) / 8, to 1/8 at
+    the last step (the next step, which is not taken, would be 0)."""
+    assert [train_py.lr_at(s, 10, 0.2) for s in range(10)] == [0.5, 1.0] + [(10 - s) / 8 for s in range(2, 10)]
+    assert train_py.lr_at(0, 1, 0.1) == 1.0  # a one-step stage runs at the peak
+
+
+# -----------------------------------------------------------------------------
+# the cheap alternatives: every schedule in one run
+
+
+def test_every_schedule_lands_in_results_json(alternatives_run):
+    results = read_json(alternatives_run / "results.json")
+    alphas = ["0", "0.25", "0.5", "0.75", "1"]
+    assert list(results["schedules"]) == ["two-stage", "hbat", "rpo", "alright"] + [f"averaged@{a}" for a in alphas]
+    assert set(results["win_rates"]) == {f"{n}_vs_two-stage" for n in results["schedules"] if n != "two-stage"}
+    assert results["win_rates"]["averaged@1_vs_two-stage"] == 0.5  # the same answers: every prompt a tie
+    for name in ("two-stage", "hbat", "rpo", "alright"):
+        for st in results["schedules"][name]["stages"]:
+            assert -1 <= st["grad_cosine"] <= 1 and all(-1 <= c <= 1 for c in st["grad_cosine_blocks"].values())
+    rpo_hpa = results["schedules"]["rpo"]["stages"][1]["metrics"]
+    assert rpo_hpa["nll_chosen"] > 0 and rpo_hpa["loss"] > rpo_hpa["nll_chosen"]
+
+
+def test_averaged_at_0_and_1_are_the_sft_and_two_stage_models(alternatives_run):
+    """Weights: averaging OUT/sft.pt (two-stage's IFA stage) with two-stage.pt gives each back bit for bit at α = 0
+    and 1. Metrics and answers: averaged@0 scores exactly as two-stage did after its IFA stage, averaged@1 exactly
+    as two-stage."""
+    out = alternatives_run
+    sft = torch.load(out / "sft.pt", weights_only=True)["model"]
+    final = torch.load(out / "two-stage.pt", weights_only=True)["model"]
+    for alpha, expected in ((0.0, sft), (1.0, final)):
+        got = hbat.average(sft, final, alpha)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not all(torch.equal(sft[k], final[k]) for k in sft)  # the test would be empty otherwise
+    results = read_json(out / "results.json")["schedules"]
+    assert results["averaged@0"]["metrics"] == results["two-stage"]["stages"][0]["eval"]
+    assert results["averaged@1"]["metrics"] == results["two-stage"]["metrics"]
+    assert (out / "averaged@1.responses.jsonl").read_text() == (out / "two-stage.responses.jsonl").read_text()
+
+
+def test_every_schedule_trains_on_the_same_examples_and_steps(alternatives_run):
+    """Equal data: rpo's stages are two-stage's; alright's one stage takes every demonstration and pair as many
+    times and as many steps as two-stage's two stages together, IFA steps at --lr-ifa and DPO steps at --lr-hpa."""
+    results, config = read_json(alternatives_run / "results.json"), read_json(alternatives_run / "config.json")
+    stages = {name: s["stages"] for name, s in results["schedules"].items()}
+    two = stages["two-stage"]
+    assert [(s["steps"], s["examples"]) for s in stages["rpo"]] == [(s["steps"], s["examples"]) for s in two]
+    (alt,) = stages["alright"]
+    assert alt["examples"] == config["n_ifa"] * config["epochs_ifa"] + config["n_hpa"] * config["epochs_hpa"]
+    assert alt["examples"] == sum(s["examples"] for s in two) and alt["steps"] == sum(s["steps"] for s in two)
+    rows = [r for r in read_rows(alternatives_run / "metrics.jsonl") if r["schedule"] == "alright" and "lr" in r]
+    assert len(rows) == alt["steps"] and [("ifa/loss" in r) for r in rows] == \
+        [k == 0 for k in hbat.interleave(two[0]["steps"], two[1]["steps"])]
+    warm = max(1, int(config["warmup"] * alt["steps"]))
+    for r in rows[warm:]:  # past the warm-up: peak x (steps left) / (steps after warm-up), the peak of its kind
+        peak = config["lr_ifa"] if "ifa/loss" in r else config["lr_hpa"]
+        assert r["lr"] == pytest.approx(peak * (alt["steps"] - r["step"]) / (alt["steps"] - warm))
+
+
+def test_the_gradient_probe_changes_no_training_number(alternatives_run, tmp_path, cache):
+    """--grad-probe 0 (no cosine measured) trains exactly the same models: the probe's backward passes leave no
+    gradient, RNG draw or optimizer state behind."""
+    out = tmp_path / "out"
+    ok(train("--algo", "dpo", "--schedule", "two-stage,hbat,averaged,rpo,alright", "--lr-hpa", "5e-4",
+             "--grad-probe", "0", out=out, cache=cache))
+    a, b = (read_json(o / "results.json")["schedules"] for o in (alternatives_run, out))
+    for name in a:
+        assert a[name]["metrics"] == b[name]["metrics"], name
+        for sa, sb in zip(a[name]["stages"], b[name]["stages"]):
+            assert "grad_cosine" not in sb and sa["metrics"] == sb["metrics"], (name, sa["name"])
+
+
+def test_averaged_under_ppo_starts_from_the_sft_model_the_reward_model_came_from(tmp_path, cache):
+    """Under PPO, OUT/sft.pt is trained once before the schedules; it must be the model two-stage's own IFA stage
+    trains (averaged@0 scores exactly as two-stage after IFA)."""
+    out = tmp_path / "out"
+    ok(train(*ALGOS["ppo-release"], "--schedule", "two-stage,averaged", "--average-alphas", "0,1", out=out,
+             cache=cache))
+    results = read_json(out / "results.json")["schedules"]
+    assert list(results) == ["two-stage", "averaged@0", "averaged@1"]
+    assert results["averaged@0"]["metrics"] == results["two-stage"]["stages"][0]["eval"]
+    assert results["averaged@1"]["metrics"] == results["two-stage"]["metrics"]
+    assert "grad_cosine" not in results["two-stage"]["stages"][0]  # measured under DPO only
+
+
+# -----------------------------------------------------------------------------
+# real data and real LLaMA layouts (docs/formats.md, docs/real-data.md)
+
+
+def check_scores(results, keys):
+    for name in ("two-stage", "hbat"):
+        metrics = results["schedules"][name]["metrics"]
+        assert all(0.0 <= metrics[k] <= 1.0 for k in ("ifa_score", "no_eos")), metrics  # ROUGE-L and a share
+        assert all(isinstance(metrics.get(k), float) for k in keys), metrics
+
+
+@pytest.mark.slow
+def test_dpo_from_meta_layout_on_alpaca_and_hh(real_run):
+    """Meta layout with tokenizer.model beside it: both schedules run; ROUGE-L on real data; no judge under DPO, so
+    no HPA score and no win rate."""
+    out, results = real_run("dpo_meta")
+    check_scores(results, ["ifa_score"])
+    assert "hpa_score" not in results["schedules"]["hbat"]["metrics"] and results["win_rates"] == {}
+    assert [s["name"] for s in results["schedules"]["hbat"]["stages"]] == ["IFA_1", "HPA_1", "IFA_2", "HPA_2"]
+    rows = [json.loads(line) for line in (out / "hbat.responses.jsonl").read_text().splitlines()]
+    assert [r["prompt"][-len(importers.HH_ASSISTANT):] for r in rows] == [importers.HH_ASSISTANT] * 3  # HH test prompts
+    assert all(r["stop"] in ("eos", "end_of_turn", None) and isinstance(r["response"], str) for r in rows)
+
+
+@pytest.mark.slow
+def test_ppo_from_hf_layout_with_explicit_tokenizer(real_run):
+    """HF layout, --tokenizer: a reward model is trained on the HH pairs first; it scores the answers (rm_score) and,
+    as the default judge of real data, gives the HPA score and the win rate."""
+    out, results = real_run("ppo_hf")
+    assert (out / "reward_model.pt").exists() and 0.0 <= results["reward_model_accuracy"] <= 1.0
+    check_scores(results, ["ifa_score", "rm_score", "hpa_score"])
+    metrics = results["schedules"]["hbat"]["metrics"]
+    assert metrics["hpa_score"] == pytest.approx(metrics["rm_score"])  # the same judge, asked twice
+    assert 0.0 <= results["win_rates"]["hbat_vs_two-stage"] <= 1.0
+
+
+@pytest.mark.slow
+def test_tldr_run_judged_by_a_saved_reward_model(real_run, llama, tmp_path):
+    """TL;DR SFT + comparisons under DPO, with --judge pointing at the PPO run's saved reward model."""
+    judge = real_run("ppo_hf")[0] / "reward_model.pt"
+    ok(train(*REAL, "--algo", "dpo", "--model", llama.dir / "meta", "--ifa-data", f"{FIXTURES}/tldr_sft.jsonl",
+             "--hpa-data", f"{FIXTURES}/tldr_comparisons.json", "--test-data", f"{FIXTURES}/tldr_sft.jsonl",
+             "--judge", judge, out=tmp_path / "out", cache=tmp_path / "cache"))
+    results = read_json(tmp_path / "out" / "results.json")
+    check_scores(results, ["ifa_score", "hpa_score"])
+    assert "rm_score" not in results["schedules"]["hbat"]["metrics"]
+    assert 0.0 <= results["win_rates"]["hbat_vs_two-stage"] <= 1.0
+    assert all("hpa_score" in s["eval"] for s in results["schedules"]["hbat"]["stages"])  # after every stage too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["dpo_meta", "ppo_hf"])
+def test_exported_model_round_trips(real_run, llama, run):
+    """OUT/<schedule>-hf holds the HF layout and the tokenizer; loading it gives the trained model's logits."""
+    out, _ = real_run(run)
+    args = Transformer.from_pretrained(llama.dir / ("meta" if run == "dpo_meta" else "hf")).args  # the base's
+    tokens = torch.tensor([llama.tok.encode("Human: What is a good name for a cat? Assistant: Miso")])
+    for name in ("two-stage", "hbat"):
+        d = out / f"{name}-hf"
+        assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in d.iterdir()}
+        assert (d / "tokenizer.model").read_bytes() == llama.tok.model_proto
+        config = json.loads((d / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (llama.tok.bos_id, llama.tok.eos_id)
+        trained = Transformer(args)
+        trained.load_state_dict(torch.load(out / f"{name}.pt", weights_only=True)["model"])
+        exported = Transformer.from_pretrained(d)
+        # HF's config keeps the FFN width, not Meta's multiple_of that rounds up to it
+        assert replace(exported.args, multiple_of=args.multiple_of) == args
+        assert exported.args.ffn_hidden_dim == args.ffn_hidden_dim
+        with torch.no_grad():
+            expected = trained(tokens)
+            torch.testing.assert_close(exported(tokens), expected, atol=1e-5, rtol=0)
+            assert not torch.allclose(llama.model(tokens), expected)  # the weights did move from the base
+
+
+def test_exported_model_loads_in_transformers(llama, tmp_path):
+    """Parity with an independent implementation: transformers' LlamaForCausalLM reads export_hf's output."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional)")
+    export_hf(llama.model, tmp_path / "hf", llama.tok.bos_id, llama.tok.eos_id)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.tensor([llama.tok.encode("Human: What is a good name for a cat? Assistant: Miso")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, llama.model(tokens), atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit code 2, nothing trained
+
+
+BAD_INPUT = {
+    # case: (flags (a function of the custom-data dir and a scratch dir), what the one line must name); the flags
+    # that the parser alone refuses are tested in test_flags.py
+    "broken JSONL line": (lambda d, tmp: custom_flags(d, ifa=os.path.join(FIXTURES, "bad_json.jsonl")),
+                          "bad_json.jsonl:2"),
+    "missing field": (lambda d, tmp: custom_flags(d, hpa=os.path.join(FIXTURES, "missing_field.jsonl")), "rejected"),
+    "missing tokenizer": (lambda d, tmp: custom_flags(d, model=shutil.copy(d / "model" / "model.pt", tmp)),
+                          "tokenizer"),  # a model file with no tokenizer.model beside it
+    "a tokenizer the model cannot hold": (lambda d, tmp: custom_flags(d) + ["--tokenizer", small_tokenizer(tmp)],
+                                          "--tokenizer"),
+    "--n-splits larger than the data": (lambda d, tmp: ["--n-splits", "1000"], "--n-splits"),  # the embedded world
+    "a batch that --n-splits leaves no room for": (lambda d, tmp: custom_flags(d) + ["--batch-size", "64"],
+                                                   "--n-splits"),
+}
+
+
+def small_tokenizer(tmp):
+    """A tokenizer.model with more pieces than the custom model's vocabulary."""
+    data.train_tokenizer([" ".join(f"w{i}" for i in range(300))], vocab_size=400, cache_dir=tmp / "tok")
+    return next((tmp / "tok").glob("tokenizer-*.model"))
+
+
+def main_error(capsys, *argv):
+    """train.main in process on bad input: the one line of its SystemExit(2)."""
+    return exits_with_one_line(capsys, train_py.main, [*SMOKE, *map(str, argv)])
+
+
+def bad_model(d, tmp, kind):
+    """A --model that cannot be loaded, beside a good tokenizer.model: (its path, what the line must name)."""
+    shutil.copy(d / "model" / "tokenizer.model", tmp / "tokenizer.model")
+    if kind in ("random bytes .pt", "pickled code"):
+        path = tmp / "model.pt"
+        if kind == "random bytes .pt":
+            path.write_bytes(bytes(range(256)) * 64)
+        else:
+            torch.save({"model_args": {}, "model": {}, "run": os.system}, path)  # a function: weights_only refuses
+        return path, "model.pt"
+    if kind == "other architecture":
+        path = tmp / "model.pt"
+        save(tiny_transformer(seed=0, n_layers=1), path)
+        args, state = torch.load(path, weights_only=True).values()
+        torch.save({"model_args": args | {"n_layers": 2}, "model": state}, path)  # a config its weights do not fit
+        return path, "model.pt"
+    hf = tmp / "hf"
+    export_hf(Transformer.from_pretrained(d / "model" / "model.pt"), hf)
+    st = hf / "model.safetensors"
+    if kind == "truncated safetensors":
+        st.write_bytes(st.read_bytes()[:-100])
+    elif kind == "safetensors with a garbage header":
+        st.write_bytes(b"\xff" * 8 + st.read_bytes()[8:])  # a header length of 2^64 - 1
+    elif kind == "malformed config.json":
+        (hf / "config.json").write_text('{"hidden_size": 16,')
+        return hf, "config.json"
+    return hf, "model.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["random bytes .pt", "pickled code", "other architecture", "truncated safetensors",
+                                  "safetensors with a garbage header", "malformed config.json"])
+def test_a_bad_model_file_exits_2_with_one_line_and_runs_nothing(kind, custom, tmp_path, capsys):
+    """Every way a --model can be unreadable: one line naming the file, exit 2, no traceback, and nothing trained
+    (no checkpoint, no log row): the model is read before anything runs."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    path, name = bad_model(custom, scratch, kind)
+    out = tmp_path / "out"
+    line = main_error(capsys, *custom_flags(custom, model=path), "--tokenizer", scratch / "tokenizer.model",
+                      "--out", out, "--cache-dir", tmp_path / "cache")
+    assert name in line and str(path) in line, line
+    assert not [n for n in os.listdir(out) if n.endswith((".pt", ".jsonl"))], os.listdir(out)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line(case, custom, tmp_path, capsys):
+    flags, named = BAD_INPUT[case]
+    line = main_error(capsys, *flags(custom, tmp_path), "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert named in line, line
+

@@ -1,9 +1,9 @@
 """Host memory of loading a model under `torchrun --fsdp`: the peak resident set summed over all of a run's processes
 (the torchrun agent and every rank), from its start to its first optimizer step, for 1, 2 and 4 processes.
 
-    python bench_memory.py                          # a random 94M-parameter Hugging Face checkpoint, DPO, 1 2 4 procs
-    python bench_memory.py --procs 1 2 --algo ppo   # PPO also loads the SFT model and the reward model
-    python bench_memory.py --repo ../old-checkout   # the same measurement of another checkout's train.py
+    python -m lab.bench_memory                          # a random 94M-parameter HF checkpoint, DPO, 1 2 4 procs
+    python -m lab.bench_memory --procs 1 2 --algo ppo   # PPO also loads the SFT model and the reward model
+    python -m lab.bench_memory --repo ../old-checkout   # the same measurement of another checkout's train.py
 
 Each process costs its interpreter (`import torch` and train.py's modules, measured here too) plus what it holds of
 the weights; the figure to read is what one more rank adds above its interpreter, in copies of the fp32 weights.
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-import checkpoint
 import data
+from infra import checkpoint, importers
 from model import ModelArgs, Transformer
 
 
@@ -78,7 +78,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--algo", choices=["dpo", "ppo"], default="dpo")
-    p.add_argument("--repo", default=os.path.dirname(os.path.abspath(__file__)), help="whose train.py to run")
+    p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   help="whose train.py to run")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--n-layers", type=int, default=7)
     p.add_argument("--timeout", type=float, default=900)
@@ -90,8 +91,8 @@ def main():
                for i in range(80)]
         hpa = [{"prompt": f"name {words[i % 10]}", "chosen": words[i % 10], "rejected": f"{words[(i + 1) % 10]} no"}
                for i in range(64)]
-        data.save_records(os.path.join(tmp, "ifa.jsonl"), ifa)
-        data.save_records(os.path.join(tmp, "hpa.jsonl"), hpa)
+        importers.save_records(os.path.join(tmp, "ifa.jsonl"), ifa)
+        importers.save_records(os.path.join(tmp, "hpa.jsonl"), hpa)
         tok = data.train_tokenizer([json.dumps(r) for r in ifa + hpa], cache_dir=os.path.join(tmp, "tok"))
         torch.manual_seed(0)
         margs = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.dim // 64, vocab_size=tok.vocab_size,

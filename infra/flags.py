@@ -10,11 +10,10 @@ import sys
 
 import ewc
 import hbat
-import memory
 import ppo
 
 PRESETS = {
-    # the reproduction (§6): sizes and rates from the design notes of §6.1 / §6.2
+    # the reproduction (§6): sizes and rates from the prototype's measurements (docs/design-notes.md)
     "default": dict(n_ifa=1200, n_hpa=1200, n_test=300, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                     pretrain_steps=1500, pretrain_batch=64, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                     lr_ifa=2e-4, lr_hpa=2e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
@@ -25,8 +24,8 @@ PRESETS = {
                   lr_ifa=1e-3, lr_hpa=1e-3, rm_epochs=1, ppo_epochs=1, rollout_batch=16, minibatch=8,
                   max_new_tokens=12, ifa_styled=0.0),
 }
-# §6.2: 3 passes over the prompts, policy lr 3e-4; and 10% of the demonstrations in the style, since PPO can only
-# reinforce what it samples: with none, the SFT policy samples no styled answer at all (docs/results.md, "PPO")
+# docs/design-notes.md: 3 passes over the prompts, policy lr 3e-4; and 10% of the demonstrations in the style, since PPO
+# can only reinforce what it samples: with none, the SFT policy samples no styled answer at all (docs/results.md, "PPO")
 PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4, ifa_styled=0.1)
 
 
@@ -89,7 +88,7 @@ def get_args(argv=None):
     a("--n-splits", type=int, default=4, help="N: subsets of D_IFA and D_HPA that hbat alternates over (§2.2)")
     a("--epochs-ifa", type=int, help="preset: E_IFA, passes over each IFA subset")
     a("--epochs-hpa", type=int, help="preset: E_HPA, passes over each HPA subset")
-    # optimisation (every stage restarts AdamW and its warm-up + linear decay, §2.2 and §6.1)
+    # optimisation (every stage restarts AdamW and its warm-up + linear decay: §2.2, docs/design-notes.md)
     a("--batch-size", type=int, help="preset: global batch (examples or pairs) per step")
     a("--lr-ifa", type=float, help="preset: peak learning rate of IFA stages")
     a("--lr-hpa", type=float, help="preset: peak learning rate of HPA stages")
@@ -119,13 +118,13 @@ def get_args(argv=None):
     a("--grad-probe", type=int, default=32, help="DPO: at the start of every stage, the cosine between the IFA and "
       "the DPO gradient on the first K demonstrations and pairs (§7.4; 0: off)")
     # PPO (§4.2)
-    a("--ppo-variant", choices=["textbook", "release"], default="textbook", help="PPO: textbook PPO with a critic "
+    a("--ppo-variant", choices=list(ppo.VARIANTS), default="textbook", help="PPO: textbook PPO with a critic "
       "(§4.2), or the paper's release's critic-free variant (§4.3): decayed sequence reward, queue whitening, "
       "positive-advantage tokens only, one epoch")
     a("--release-absolute-positions", action="store_true", help="--ppo-variant release: decay the score by the "
       "position in the left-padded prompt + response, as the release does (default: from the response's start)")
-    a("--kl-coef", type=float, help="PPO: weight of the per-token KL penalty to the reference (default 0.2; the "
-      "release's variant: 0.1)")
+    a("--kl-coef", type=float, help=f"PPO: weight of the per-token KL penalty to the reference (default "
+      f"{ppo.PPOConfig.kl_coef}; the release's variant: {ppo.VARIANTS['release']['kl_coef']})")
     a("--rm-epochs", type=int, help="preset: reward-model epochs over D_HPA")
     a("--critic-restart", action="store_true", help="PPO: a fresh critic (a copy of the reward model) at every HPA "
       "stage instead of one carried across a schedule's HPA stages")
@@ -138,10 +137,6 @@ def get_args(argv=None):
     # evaluation
     a("--max-new-tokens", type=int, help="preset: cap on generated tokens (eval and PPO rollouts)")
     a("--eval-every", type=int, default=0, help="also evaluate every K optimizer steps (0: after each stage only)")
-    a("--dry-run", action="store_true", help="print the parameter count and memory per GPU of this run (--model "
-      "may also be llama-2-7b/13b/70b) for --gpus GPUs, then exit")
-    a("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="--dry-run: GPUs to plan for")
-    a("--gpu-gb", type=float, default=80.0, help="--dry-run: memory of one GPU in GiB")
     a("--judge", help="real data: a saved reward model (e.g. OUT/reward_model.pt of a PPO run) that scores the answers "
       "(hpa_score, win rates); default: the run's reward model under PPO, none under DPO")
     a("--export-hf", action="store_true", help="also write each aligned model to OUT/<schedule>-hf in the Hugging "
@@ -151,11 +146,11 @@ def get_args(argv=None):
         p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
     if args.save_every is None:
         args.save_every = 250 if args.model else 0  # the tiny world's stages take seconds
-    release = args.ppo_variant == "release"
+    variant = ppo.PPOConfig(**ppo.VARIANTS[args.ppo_variant])  # what the variant sets (ppo.py), e.g. its KL weight
     if args.kl_coef is None:
-        args.kl_coef = 0.1 if release else 0.2
-    if release and args.ppo_epochs is None:
-        args.ppo_epochs = 1  # the release: one pass over each rollout
+        args.kl_coef = variant.kl_coef
+    if args.ppo_epochs is None and "epochs" in ppo.VARIANTS[args.ppo_variant]:
+        args.ppo_epochs = variant.epochs  # a variant's own number of passes over each rollout, whatever the preset
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, PPO_OVERRIDES.get(k, v) if args.algo == "ppo" and args.preset == "default" else v)
@@ -169,7 +164,7 @@ def check_args(args, p):
     for s in schedules:
         if s not in hbat.SCHEDULES:
             p.error(f"--schedule: unknown schedule {s!r} (choose from both, {', '.join(hbat.SCHEDULES)})")
-    args.schedules = schedules
+    args.schedules = tuple(sorted(schedules, key=lambda s: s == "averaged"))  # after the models it interpolates
     if args.n_splits < 1:
         p.error(f"--n-splits must be >= 1, got {args.n_splits}")
     for flag in ("f_max", "f_max_ifa", "ewc_lambda", "beta", "kl_coef", "lr_ifa", "lr_hpa"):
@@ -210,7 +205,7 @@ def check_args(args, p):
         p.error("--ifa-data/--hpa-data need --model (a tiny base is only pretrained on the embedded world)")
     if args.judge and not args.ifa_data:
         p.error("--judge applies to --ifa-data/--hpa-data runs (the embedded world has its gold judge)")
-    if args.fsdp and not args.dry_run:
+    if args.fsdp:
         if args.ewc == "original" or args.ewc_elementwise:
             p.error("--fsdp supports per-tensor importance only: not with --ewc original or --ewc-elementwise")
         if "RANK" not in os.environ:
@@ -219,13 +214,13 @@ def check_args(args, p):
         p.error(f"--out {args.out}: exists and is not a directory")
     for flag in ("ifa_data", "hpa_data", "test_data", "model", "tokenizer", "judge"):
         path = getattr(args, flag)
-        if path and not os.path.exists(path) and not (args.dry_run and path in memory.LLAMA2):
+        if path and not os.path.exists(path):
             p.error(f"--{flag.replace('_', '-')}: no such file or directory: {path}")
 
 
 # the flags that change where or how fast a run goes, not what it computes: a run resumes across changes of these
-NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "export_hf", "dry_run", "gpus", "gpu_gb",
-                  "fsdp", "compile", "activation_checkpointing", "save_every"}
+NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "export_hf", "fsdp", "compile",
+                  "activation_checkpointing", "save_every"}
 
 
 def run_config(args) -> dict:
@@ -234,11 +229,12 @@ def run_config(args) -> dict:
 
 
 def ppo_config(args, world):
-    """The PPOConfig of a PPO stage (§4.2), or the release's (§4.3), from the flags; minibatches per rank."""
-    return (ppo.release_config if args.ppo_variant == "release" else ppo.PPOConfig)(
+    """The PPOConfig of a PPO stage, of --ppo-variant (§4.2, §4.3) with the flags' settings; minibatches per rank."""
+    return ppo.PPOConfig(**ppo.VARIANTS[args.ppo_variant] | dict(
         kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // world,
-        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl, absolute_positions=args.release_absolute_positions,
-        adaptive_kl=args.adaptive_kl_target is not None, kl_target=args.adaptive_kl_target or 6.0)
+        max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
+        absolute_positions=args.release_absolute_positions, adaptive_kl=args.adaptive_kl_target is not None,
+        kl_target=args.adaptive_kl_target or 6.0))
 
 
 def check_world(args, world):

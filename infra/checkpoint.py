@@ -4,8 +4,8 @@ state dict.
 Everything here works on plain data, so that model.py can import this file without a cycle: a params dict (the
 fields of model.ModelArgs, which are Meta's params.json names) and a state dict under Meta's tensor names
 (layers.3.attention.wq.weight, ...), which model.py's parameters share. model.Transformer.from_pretrained builds a
-model from `load`, model.save_checkpoint writes through `save`, and `export_hf` writes a model in Hugging Face's
-layout. `atomic_save` is the one way checkpoints reach the disk, for the training loop as well.
+model from `load`, every model file a run writes goes through `save`, and `export_hf` writes a model in Hugging
+Face's layout. `atomic_save` is the one way checkpoints reach the disk, for the training loop as well.
 """
 import json
 import math

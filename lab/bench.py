@@ -1,11 +1,11 @@
 """Speed of model.py, side by side with transformers' LlamaForCausalLM on the same weights, in one process.
 
     pip install transformers                          # for the side-by-side only; the core never imports it
-    OMP_NUM_THREADS=1 python bench.py --threads 1     # tiny config, about 1.5 minutes on one CPU core
-    python bench.py --threads 2 --pairs 15            # both cores (targets: training >= 1.1x, generation >= 3x)
-    python bench.py --config small --pairs 3          # dim 512, 8 layers, vocab 32000 (58M params, slow on CPU)
-    python bench.py --profile                         # top ops of a training step and a generate call, each side
-    python bench.py --compile                         # ours with every block compiled (train.py --compile)
+    OMP_NUM_THREADS=1 python -m lab.bench --threads 1   # tiny config, about 1.5 minutes on one CPU core
+    python -m lab.bench --threads 2 --pairs 15          # both cores (targets: training >= 1.1x, generation >= 3x)
+    python -m lab.bench --config small --pairs 3        # dim 512, 8 layers, vocab 32000 (58M params, slow on CPU)
+    python -m lab.bench --profile                       # top ops of a training step and a generate call, each side
+    python -m lab.bench --compile                       # ours with every block compiled (train.py --compile)
 
 What it measures, each on random weights (speed does not depend on what they hold):
   train     one step, forward + backward + AdamW on a batch of 8 x 256 tokens, next-token cross-entropy at every
@@ -44,9 +44,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import checkpoint
 import dpo
 from data import hpa_batch
+from infra import checkpoint
 from model import ModelArgs, Transformer
 
 CONFIGS = {

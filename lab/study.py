@@ -1,13 +1,13 @@
 """
 The small-scale study: Hbat against two-stage over seeds, and the ablations of the paper's §4, on the embedded world.
 
-    python study.py --algo dpo --seeds 0 1 2                 # main comparison at c = 0.5 and c = 0, then ablations
-    python study.py --algo ppo --seeds 0 1 2 --only main     # just the main comparison
-    python study.py --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
-    python study.py --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base model
-    python study.py --algo ppo --ifa-styled 0.1 --taxes 0.5 --only main  # 10% of demonstrations in the style
-    python study.py --algo ppo --ppo-variant release --taxes 0.5 --only main  # the PPO of the paper's release
-    python study.py --algo dpo --seeds 0 1 2 3 4 --report    # tables and plots from the runs finished so far
+    python -m lab.study --algo dpo --seeds 0 1 2              # main comparison at c = 0.5 and c = 0, then ablations
+    python -m lab.study --algo ppo --seeds 0 1 2 --only main  # just the main comparison
+    python -m lab.study --algo dpo --seeds 0 --only main --dry   # print the train.py commands, run nothing
+    python -m lab.study --algo dpo --world-seed 1 --taxes 0.5 --only main   # another world, and so another base
+    python -m lab.study --algo ppo --ifa-styled 0.1 --taxes 0.5 --only main  # 10% of demonstrations in the style
+    python -m lab.study --algo ppo --ppo-variant release --taxes 0.5 --only main  # the PPO of the paper's release
+    python -m lab.study --algo dpo --seeds 0 1 2 3 4 --report    # tables and plots from the runs finished so far
 
 Each setting is one `train.py` run in its own --out (so an interrupted study resumes where it stopped, run by run
 and stage by stage; a finished run's results.json is read, not run again: --rerun). Every ablation is compared with
@@ -25,6 +25,8 @@ import subprocess
 import sys
 
 import world
+
+TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 # (name, extra train.py flags) for each ablation; every one runs the hbat schedule only
 ABLATIONS = (
@@ -60,7 +62,7 @@ ABLATIONS += tuple((f"{m}x{x:g}", strength_flags(m, x)) for m in METHODS for x i
 
 
 def run(args, out, flags):
-    cmd = [sys.executable, "train.py", "--algo", args.algo, "--out", out, "--preset", args.preset,
+    cmd = [sys.executable, TRAIN, "--algo", args.algo, "--out", out, "--preset", args.preset,
            "--world-seed", str(args.world_seed)]
     cmd += ["--ifa-styled", str(args.ifa_styled)] if args.ifa_styled is not None else []
     cmd += ["--ppo-variant", args.ppo_variant] if args.ppo_variant != "textbook" else []
@@ -192,7 +194,7 @@ def alternatives(roots, out):
         if runs:  # a base with no finished run yet is left out
             bases.append(runs)
     if not bases:
-        raise SystemExit("study.py --alternatives: no finished main run under " + ", ".join(roots))
+        raise SystemExit("lab.study --alternatives: no finished main run under " + ", ".join(roots))
     names = list(next(iter(bases[0].values()))[0]["schedules"])
     averaged = [n for n in names if n.startswith("averaged@")]
     trained = [n for n in names if n not in averaged]

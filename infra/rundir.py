@@ -1,11 +1,12 @@
 """The run directory --out: its config check, the metrics log, the schedules' checkpoints, results and exports.
 
-    OUT/config.json              the settings that define the run (config.run_config); another run is not resumed here
+    OUT/config.json              the settings that define the run (flags.run_config); another run is not resumed here
     OUT/metrics.jsonl            one row per optimizer step (and per PPO rollout), for curves
     OUT/<schedule>.pt            the schedule after its last completed stage: weights, EWC accumulators, history
     OUT/tokenizer.model          the run's tokenizer (sample.py finds it beside OUT/<schedule>.pt)
+    OUT/sft.pt                   the SFT model (hbat.sft_stage), which PPO's reward model and `averaged` start from
     OUT/reward_model.pt          PPO's reward model, trained once
-    OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/method.md §5)
+    OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/formats.md §4)
     OUT/<schedule>.responses.jsonl, OUT/<schedule>-hf/   the held-out answers; the Hugging Face export
 
 Every file is written atomically (checkpoint.atomic_write), so a kill leaves each whole, old or new. Only rank 0
@@ -13,13 +14,13 @@ writes; every function here is called by every rank, so that the barriers line u
 """
 import json
 import os
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import parallel
-from config import die
+from infra import checkpoint, parallel
+from infra.flags import die
 
 
 def save_json(path, obj):
@@ -50,10 +51,13 @@ def check_out_dir(out, config, overwrite, rt):
 
 
 class MetricsLog:
-    """OUT/metrics.jsonl, one row per optimizer step. Rows of stages that did not complete are dropped on resume."""
+    """OUT/metrics.jsonl, one row per optimizer step. Opened for a run of these schedules, it drops the rows of the
+    stages that did not complete (keep_only), so that a resumed run logs each step once."""
 
-    def __init__(self, out, rank):
+    def __init__(self, out, rank, schedules=()):
         self.path, self.on = os.path.join(out, "metrics.jsonl"), rank == 0
+        done = completed_stages(out, schedules)
+        self.keep_only(done, {name: mid_stage_step(out, name, n) for name, n in done.items()})
 
     def keep_only(self, done, resume_steps=None):
         """done: {schedule: number of its completed stages}; rows of other schedules (base, reward) are kept, and
@@ -78,36 +82,74 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def logger(self, where, steps_before=0, eval_every=0, quick_eval=None):
+        """log(step, metrics): a row {**where, "step": steps_before + step, **metrics}; with eval_every K also, after
+        every K-th optimizer step, a row of the "eval/" scores of quick_eval() (a dict of metrics)."""
+        def log(step, metrics):
+            step += steps_before
+            self.write({**where, "step": step, **metrics})
+            if eval_every and "grad_norm" in metrics and step % eval_every == 0:
+                scores = quick_eval()
+                self.write({**where, "step": step, **{f"eval/{k}": scores[k] for k in ("ifa_score", "hpa_score")
+                                                      if k in scores}})
+        return log
+
 
 # -----------------------------------------------------------------------------
 # a schedule's checkpoint: the model after its last completed stage, in the one model-file layout
 
 
-def schedule_path(out, name):
+def model_path(out, name):
+    """OUT/<name>.pt: a schedule's checkpoint, or the SFT model (name "sft")."""
     return os.path.join(out, f"{name}.pt")
 
 
-def load_schedule(out, name, map_location):
-    """The checkpoint {"model_args", "model", "ewc", "history", "steps", "critic"} of a schedule, or None."""
-    path = schedule_path(out, name)
-    return torch.load(path, map_location=map_location, weights_only=True) if os.path.exists(path) else None
+def save_model(rt, path, module, midstage=None):
+    """A trained model in the one model-file layout (the tiny base, the SFT model, the reward model), then its stage's
+    mid-stage file is spent. Every rank calls this (FSDP gathers the weights); rank 0 writes."""
+    state = parallel.full_state(rt, module)
+    if rt.rank == 0:
+        checkpoint.save(asdict(module.args), state, path)
+    if midstage is not None:
+        midstage.clear()
+    parallel.barrier(rt)
 
 
 def completed_stages(out, names):
     """{schedule: how many of its stages its checkpoint holds} (0 without one), and PPO's SFT and reward models
     ("sft", "reward": 1 once written), for MetricsLog.keep_only. Memory-mapped: only the history is read."""
-    paths = {name: schedule_path(out, name) for name in names}
+    paths = {name: model_path(out, name) for name in names}
     return {name: len(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["history"])
             if os.path.exists(p) else 0 for name, p in paths.items()} | {
         name: int(os.path.exists(os.path.join(out, file))) for name, file in (("sft", "sft.pt"),
                                                                              ("reward", "reward_model.pt"))}
 
 
-def save_schedule(out, name, model_args, state, ewc_state, history, steps, critic_state=None):
-    """Called by rank 0 after every stage: resuming needs the weights, the EWC accumulators, the stage records, the
-    optimizer steps taken and PPO's critic (every stage restarts AdamW and draws its randomness from its own seed)."""
-    checkpoint.save(model_args, state, schedule_path(out, name), ewc=ewc_state, history=history, steps=steps,
-                    critic=critic_state)
+def restore_schedule(rt, out, name, model, ewc):
+    """Load a schedule's checkpoint, if it has one, into the placed model and the EWC state. Returns (its stage
+    records, the optimizer steps taken, PPO's critic's state or None); ([], 0, None) without a checkpoint."""
+    path = model_path(out, name)
+    if not os.path.exists(path):
+        return [], 0, None
+    saved = torch.load(path, map_location="cpu" if rt.fsdp else rt.device, weights_only=True)
+    parallel.load_full_state(rt, model, saved["model"])
+    if ewc is not None:
+        ewc.load_state_dict(saved["ewc"])
+    return saved["history"], saved["steps"], saved.get("critic")
+
+
+def save_schedule(rt, out, name, model, ewc, history, steps, critic=None, sft=False):
+    """After every stage: what resuming needs, the weights, the EWC accumulators, the stage records, the optimizer
+    steps taken and PPO's critic (every stage restarts AdamW and draws its randomness from its own seed); with `sft`
+    (the stage is hbat.sft_stage) the weights also as OUT/sft.pt, unless it exists. Every rank calls this (FSDP
+    gathers); rank 0 writes."""
+    state = parallel.full_state(rt, model)
+    critic_state = parallel.full_state(rt, critic) if critic is not None else None
+    if rt.rank == 0:
+        checkpoint.save(asdict(model.args), state, model_path(out, name), ewc=ewc.state_dict() if ewc else {},
+                        history=history, steps=steps, critic=critic_state)
+        if sft and not os.path.exists(model_path(out, "sft")):
+            checkpoint.save(asdict(model.args), state, model_path(out, "sft"))
 
 
 class MidStage:
@@ -119,9 +161,9 @@ class MidStage:
     in the data; PPO: its sampling generator, reward queue and KL coefficient). Written atomically by rank 0; under
     FSDP every rank takes part in gathering it."""
 
-    def __init__(self, out, schedule, stage_index, step0, every, rt):
+    def __init__(self, out, schedule, stage_index, steps_before, every, rt):
         self.path, self.schedule = os.path.join(out, f"{schedule}.step.pt"), schedule
-        self.stage_index, self.step0, self.every, self.rt = stage_index, step0, every, rt
+        self.stage_index, self.steps_before, self.every, self.rt = stage_index, steps_before, every, rt
         self.last = 0  # the stage's step at the last save (or at the restore)
 
     def _read(self):
@@ -157,7 +199,7 @@ class MidStage:
         module_state, opt_state = parallel.train_state(self.rt, module, opt)
         self.last = progress["step"]
         if self.rt.rank == 0:
-            progress = progress | {"global_step": self.step0 + progress["step"]}  # where metrics.jsonl resumes
+            progress = progress | {"global_step": self.steps_before + progress["step"]}  # where metrics.jsonl resumes
             checkpoint.atomic_save({"stage_index": self.stage_index, "module": module_state, "optimizer": opt_state,
                                     "rng": torch.get_rng_state(), "progress": progress,
                                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -182,20 +224,44 @@ def mid_stage_step(out, name, stage_index):
 # the end of a run
 
 
-def write_answers(out, name, rows):
-    """OUT/<schedule>.responses.jsonl: every held-out prompt with its answer (and reference, family)."""
-    checkpoint.atomic_write(os.path.join(out, f"{name}.responses.jsonl"),
-                            lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+class Results:
+    """OUT/results.json, filled as the schedules finish: every schedule's final metrics, stage records and first
+    answers, with all its answers in OUT/<schedule>.responses.jsonl; `answers` keeps them for the win rates. Every
+    rank that evaluates calls `add`; rank 0 writes."""
+
+    def __init__(self, rt, out, algo, config, rm_accuracy):
+        self.rt, self.out, self.answers = rt, out, {}
+        self.data = {"algo": algo, "config": config, "reward_model_accuracy": rm_accuracy, "schedules": {},
+                     "win_rates": {}}
+
+    def add(self, name, history, evaluation):
+        """A schedule's stage records and its final evaluation (metrics, answer rows; None where this rank does not
+        evaluate)."""
+        if evaluation is None:
+            return
+        metrics, rows = evaluation
+        self.answers[name] = [r["response"] for r in rows]
+        if self.rt.rank == 0:
+            self.data["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
+            checkpoint.atomic_write(os.path.join(self.out, f"{name}.responses.jsonl"),
+                                    lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+    def save(self, win_rates, seconds):
+        if self.rt.rank == 0:
+            save_json(os.path.join(self.out, "results.json"), self.data | {"win_rates": win_rates, "seconds": seconds})
 
 
 def write_tokenizer(directory, tok):
-    """directory/tokenizer.model, where data.find_tokenizer (sample.py, a run on real data) looks for it."""
+    """directory/tokenizer.model, where importers.find_tokenizer (sample.py, a run on real data) looks for it."""
     checkpoint.atomic_write(os.path.join(directory, "tokenizer.model"), lambda f: f.write(tok.model_proto))
 
 
-def export(out, name, model, tok, state, bf16):
-    """OUT/<schedule>-hf: the Hugging Face layout, with the tokenizer; bf16 under bf16, as LLaMA weights ship."""
-    hf_dir = os.path.join(out, f"{name}-hf")
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    checkpoint.export_hf(model, hf_dir, tok.bos_id, tok.eos_id, {k: v.to(dtype) for k, v in state.items()})
-    write_tokenizer(hf_dir, tok)
+def export(rt, out, name, model, tok):
+    """OUT/<schedule>-hf: the Hugging Face layout, with the tokenizer; bf16 under bf16, as LLaMA weights ship. Every
+    rank calls this (FSDP gathers); rank 0 writes."""
+    state = parallel.full_state(rt, model)
+    if rt.rank == 0:
+        hf_dir = os.path.join(out, f"{name}-hf")
+        dtype = torch.bfloat16 if rt.bf16 else torch.float32
+        checkpoint.export_hf(model, hf_dir, tok.bos_id, tok.eos_id, {k: v.to(dtype) for k, v in state.items()})
+        write_tokenizer(hf_dir, tok)

@@ -1,11 +1,12 @@
 """Memory per GPU on paper: the parameter count of a LLaMA config and what each GPU holds to train it with train.py.
 
-    python memory.py llama-2-7b --algo dpo --world 8 --micro-batch 1 --seq-len 512            # DDP
-    python memory.py llama-2-13b --algo ppo --world 8 --micro-batch 1 --seq-len 512 --fsdp    # fully sharded
-    python memory.py path/to/meta_or_hf_dir_or_ours.pt --algo dpo --world 8 ...
+    python -m lab.memory llama-2-7b --algo dpo --world 8 --micro-batch 1 --seq-len 512     # DDP and fully sharded
+    python -m lab.memory llama-2-13b --algo ppo --world 8 --micro-batch 1 --seq-len 512
+    python -m lab.memory path/to/meta_or_hf_dir_or_ours.pt --algo dpo --world 8 ...
 
-`train.py --dry-run` prints the same table (`plan`, then `format_plan`). Nothing here builds a model or reads a
-weight tensor: `read_params` reads params.json, config.json or our checkpoint's model_args, and `param_count` counts.
+It prints the plan (`plan`, then `format_plan`) under DDP and under train.py --fsdp, one after the other. Nothing
+here builds a model or reads a weight tensor: `read_params` reads params.json, config.json or our checkpoint's
+model_args, and `param_count` counts.
 
 What the lines assume (P parameters, L layers, D dim, F FFN hidden, H heads, K key/value heads, Hd = D/H, V vocab;
 B micro-batch, T seq_len, N = T/2 response tokens; a = 2 bytes under bf16 autocast, 4 in fp32):
@@ -214,25 +215,24 @@ def format_plan(result: dict, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def dry_run(args: ModelArgs, algo: str, gpus: int, micro_batch: int, seq_len: int, mixed_bf16: bool, live_ref: bool,
-            gpu_gb: float) -> None:
-    """`train.py --dry-run`: print the plan under DDP and fully sharded (--fsdp), side by side."""
-    for fsdp in (False, True):
-        print(format_plan(plan(args, algo, gpus, micro_batch, seq_len, mixed_bf16, fsdp, live_ref, gpu_gb)) + "\n")
-
-
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Memory per GPU, on paper, of training a LLaMA config with train.py.")
+    p = argparse.ArgumentParser(description="Memory per GPU, on paper, of training a LLaMA config with train.py, "
+                                "under DDP and fully sharded (--fsdp).")
     p.add_argument("model", help=f"one of {', '.join(LLAMA2)}, our .pt, a Meta or a Hugging Face directory")
     p.add_argument("--algo", choices=["dpo", "ppo"], default="dpo", help="the HPA objective")
     p.add_argument("--world", type=int, default=8, help="GPUs (processes)")
-    p.add_argument("--micro-batch", type=int, default=1, help="examples (DPO: pairs) per GPU per forward")
+    p.add_argument("--micro-batch", type=int, default=1, help="examples (DPO: pairs) per GPU per forward: train.py's "
+                   "--batch-size / (world x --grad-accum)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, half of them response")
     p.add_argument("--fp32", action="store_true", help="train.py --dtype fp32 instead of bf16 autocast")
-    p.add_argument("--fsdp", action="store_true", help="shard training state and frozen models over --world")
     p.add_argument("--live-ref", action="store_true", help="DPO: a live reference model instead of cached log-probs")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB")
     o = p.parse_args()
-    result = plan(ModelArgs(**read_params(o.model)), o.algo, o.world, o.micro_batch, o.seq_len, not o.fp32, o.fsdp,
-                  o.live_ref, o.gpu_gb)
-    print(format_plan(result, title=o.model))
+    try:
+        margs = ModelArgs(**read_params(o.model))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"lab.memory: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for fsdp in (False, True):
+        print(format_plan(plan(margs, o.algo, o.world, o.micro_batch, o.seq_len, not o.fp32, fsdp, o.live_ref,
+                               o.gpu_gb), title=o.model) + "\n")

@@ -5,11 +5,12 @@
 
 Every model a run trains or consults is placed by `place`. With --fsdp it is sharded over the ranks (fully_shard on
 each transformer block, then on the whole), so a GPU holds 1/world of its weights, gradients, AdamW moments and EWC
-anchor (memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict() holds
+anchor (lab/memory.py has the numbers). Placed models cannot be deep-copied and, under FSDP, their state_dict() holds
 shards: hence copy_of, full_state, load_full_state and gathered, each of which is the plain one-liner it stands for
-when --fsdp is off. The training loop reaches DDP and FSDP only through wrap, grad_sync and clip_grad_norm. Under
---fsdp only rank 0 reads a model file (`lean`): the other ranks build it on the meta device and `place` gives them
-their shards from rank 0's copy, so a node holds one copy of the weights in host memory, not one per rank.
+when --fsdp is off. The training loop reaches DDP and FSDP only through wrap (whose Losses also sums a step's
+losses), grad_sync and clip_grad_norm. Under --fsdp only rank 0 reads a model file (`lean`): the other ranks build
+it on the meta device and `place` gives them their shards from rank 0's copy, so a node holds one copy of the
+weights in host memory, not one per rank.
 """
 import itertools
 import os
@@ -23,8 +24,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
-
-import reward
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,12 @@ def setup(device="auto", dtype="auto", fsdp=False, compile=False, activation_che
     return Runtime(device, rank, world, fsdp, bf16, compile, activation_checkpointing)
 
 
+def teardown(rt):
+    """The end of a run under torchrun: leave the process group."""
+    if rt.world > 1:
+        dist.destroy_process_group()
+
+
 def barrier(rt):
     if rt.world > 1:
         dist.barrier()
@@ -83,7 +88,7 @@ def place(rt, module, full_state=None):
     --fsdp, sharded over the ranks there. The module may be on the meta device (no memory): its tensors are then
     allocated there (with --fsdp only each rank's shards) and filled from `full_state`, a whole state_dict that under
     --fsdp only rank 0's counts: FSDP2 broadcasts it shard by shard (lean loading: `lean`)."""
-    trunk = module.trunk if isinstance(module, reward.RewardModel) else module
+    trunk = getattr(module, "trunk", module)  # a reward model's transformer, or the transformer itself
     trunk.checkpointing = rt.activation_checkpointing
     if rt.compile:
         for layer in trunk.layers:
@@ -133,10 +138,10 @@ def lean(rt, load, build):
         return build(margs)
 
 
-def copy_of(rt, module, fresh):
+def copy_of(rt, module, build):
     """An independent copy of `module` (a placed one cannot be deep-copied: FSDP forbids it, compiled blocks would
-    share code with the original); fresh() builds an unplaced module of the same shape, on the meta device or not."""
-    new = place(rt, fresh(), None if rt.fsdp else module.state_dict())
+    share code with the original); build() makes an unplaced module of the same shape, on the meta device or not."""
+    new = place(rt, build(), None if rt.fsdp else module.state_dict())
     if rt.fsdp:
         new.load_state_dict(module.state_dict())  # shard by shard: both are laid out over the same ranks
     return new
@@ -190,25 +195,32 @@ def gathered(rt, model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-class Objective(nn.Module):
-    """Routes any loss function through DDP's forward, so that DDP syncs the gradients of whatever the loss
-    touches (model.token_logprobs, a reward head, a critic) and not only of `model(tokens)`."""
+class Losses(nn.Module):
+    """A micro-step's loss: Σ weight · loss_fn(module, *loss arguments) over its parts [(objective, arguments,
+    weight)] (one part, or an IFA and an HPA part in a multi-task step: hbat.steps), with the metrics of each objective
+    under its name when a stage has several. A module, so that under DDP the loss is its forward and the gradients of
+    whatever it touches (token_logprobs, a reward head, a critic) are averaged over ranks."""
 
-    def __init__(self, module):
+    def __init__(self, module, loss_fns):
         super().__init__()
-        self.module = module
+        self.module, self.loss_fns = module, loss_fns
 
-    def forward(self, loss_fn, batch):
-        return loss_fn(self.module, batch)
+    def forward(self, parts):
+        loss, metrics = 0.0, {}
+        for objective, args, weight in parts:
+            part, m = self.loss_fns[objective](self.module, *args)
+            prefix = f"{objective}/" if len(self.loss_fns) > 1 else ""
+            loss, metrics = loss + weight * part, metrics | {prefix + k: weight * v for k, v in m.items()}
+        return loss, metrics
 
 
-def wrap(rt, module):
-    """What the training loop calls its loss through: Objective(module), inside DistributedDataParallel under DDP
-    (FSDP needs no wrapper: the sharded modules sync their own gradients)."""
-    model = Objective(module)
+def wrap(rt, module, loss_fns):
+    """What a training step calls its loss through: Losses(module, {objective: loss_fn}), inside
+    DistributedDataParallel under DDP (FSDP needs no wrapper: the sharded modules sync their own gradients)."""
+    losses = Losses(module, loss_fns)
     if rt.world > 1 and not rt.fsdp:
-        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    return model
+        return nn.parallel.DistributedDataParallel(losses, find_unused_parameters=True)
+    return losses
 
 
 def grad_sync(model, sync):

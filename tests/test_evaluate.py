@@ -1,0 +1,125 @@
+"""evaluate.py: answers end at EOS or at their template's end of turn, the broken outputs are counted, and the judges
+of real data: a plugged-in judge's win rate, the reward-model judge against one sequence at a time, and --judge
+refusing what is not a reward model."""
+import io
+
+import pytest
+import sentencepiece as spm
+import torch
+
+import data
+import evaluate
+import reward
+from conftest import fixture_texts, save
+from model import ModelArgs, Transformer
+
+
+@pytest.fixture(scope="module")
+def llama_tok():
+    """A tokenizer set up as LLaMA's: no normalisation (newlines survive), byte fallback, no pad piece. On these texts
+    it learns the piece ".\\n\\n", so the end of turn starts inside a token."""
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(fixture_texts()), model_writer=proto, model_type="bpe", vocab_size=400,
+        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return data.Tokenizer(proto.getvalue())
+
+
+
+class Scripted:
+    """A stand-in for model.Transformer.generate: answers each prompt with the next scripted ids."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, prompts, max_new_tokens, temperature, eos_id):
+        assert len(prompts) == len(self.answers) and all(len(a) <= max_new_tokens for a in self.answers)
+        return self.answers
+
+
+
+def test_answers_stop_at_eos_or_end_of_turn(llama_tok):
+    """HH answer that goes on to write the next turn: cut before it and counted as finished; an answer with EOS
+    keeps its text; one cut off by max_new_tokens is the only unfinished one."""
+    tok = llama_tok
+    texts = [" Sure.\n\nHuman: And a dog?\n\nAssistant: Rex", " Sir Whiskers", " cat cat cat"]
+    scripted = [tok.encode(texts[0]), tok.encode(texts[1]) + [tok.eos_id], tok.encode(texts[2])]
+    assert tok.sp.id_to_piece(scripted[0][5]) == ".\n\n"  # the cut falls inside a token
+    records = [{"prompt": "\n\nHuman: Name a pet?\n\nAssistant:", "reference": " Sure."}] * 3
+    answers = evaluate.respond(Scripted(scripted), tok, records, max_new_tokens=40, max_seq_len=96)
+    assert [a["text"] for a in answers] == [" Sure.", " Sir Whiskers", " cat cat cat"]
+    assert [a["stop"] for a in answers] == ["end_of_turn", "eos", None]
+    assert answers[0]["ids"] == scripted[0][:5] and tok.decode(answers[0]["ids"]) == " Sure"  # whole tokens before it
+    assert answers[1]["ids"] == scripted[1][:-1]
+    metrics, rows = evaluate.evaluate(Scripted(scripted), tok, records, None, 40, 96, judge=LengthJudge())
+    assert metrics["no_eos"] == pytest.approx(1 / 3) and metrics["repetition"] == pytest.approx(1 / 3)
+    assert metrics["ifa_score"] == pytest.approx(1 / 3)  # ROUGE-L 1 for the first answer, 0 for the others
+    assert metrics["hpa_score"] == pytest.approx((1 + 2 + 3) / 3)  # the judge's mean
+    assert [r["stop"] for r in rows] == ["end_of_turn", "eos", None]
+
+
+
+class LengthJudge(evaluate.Judge):
+    """A hand-made judge: longer answers (in words) are better."""
+
+    def score(self, records, responses):
+        return [float(len(y.split())) for y in responses]
+
+
+
+def test_win_rate_under_a_plugged_judge_counts_ties_half():
+    """Four prompts: a is longer twice, shorter once, as long once -> (1 + 1 + 0 + 0.5) / 4."""
+    records = [{"prompt": f"q{i}"} for i in range(4)]
+    a = ["one two three", "one two", "one", "one two"]
+    b = ["one", "one", "one two three", "two one"]
+    judge = LengthJudge()
+    assert judge.win_rate(records, a, b) == 0.625
+    assert judge.win_rate(records, b, a) == 0.375
+    assert judge.win_rate(records, a, a) == 0.5
+    with pytest.raises(ValueError):
+        judge.win_rate(records, a, b[:3])
+
+
+
+def test_reward_model_judge_scores_each_answer_as_one_sequence(llama):
+    """The default judge: rm.score of bos + prompt + response + eos, one sequence at a time (the oracle), equals the
+    judge's batched, padded scores; a prompt too long for max_seq_len keeps its end."""
+    tok = llama.tok
+    torch.manual_seed(1)
+    rm = reward.RewardModel(Transformer(llama.model.args)).eval()
+    records = [{"prompt": "\n\nHuman: What is a good name for a cat?\n\nAssistant:"}, {"prompt": "TL;DR:"}]
+    responses = ["Sir Whiskers of the Windowsill.", ""]
+
+    def oracle(prompt, response, max_seq_len):
+        answer = tok.encode(response) + [tok.eos_id]
+        prompt = [tok.bos_id] + tok.encode(prompt)[-(max_seq_len - 1 - len(answer)):]
+        tokens = torch.tensor([prompt + answer])
+        return rm.score(tokens, torch.arange(tokens.shape[1])[None] >= len(prompt)).item()
+
+    for max_seq_len in (256, 14):
+        judge = evaluate.RewardModelJudge(rm, tok, max_seq_len, batch_size=2)
+        expected = [oracle(r["prompt"], y, max_seq_len) for r, y in zip(records, responses)]
+        assert judge.score(records, responses) == pytest.approx(expected, abs=1e-5)
+    assert evaluate.pick_judge(None, rm, tok, 256).rm is rm and evaluate.pick_judge(None, None, tok, 256) is None
+
+
+
+def test_load_judge_refuses_what_is_not_a_reward_model(llama, tmp_path):
+    """--judge PATH: a saved reward model loads; a plain model, a non-torch file or another tokenizer's RM is a
+    ValueError naming the file (train.py prints it as one line)."""
+    tok = llama.tok
+    rm = reward.RewardModel(Transformer(llama.model.args))
+    save(rm, tmp_path / "rm.pt")
+    judge = evaluate.load_judge(tmp_path / "rm.pt", tok, 64, "cpu")
+    assert torch.equal(judge.rm.head.weight, rm.head.weight)
+    save(llama.model, tmp_path / "model.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    for name in ("model.pt", "junk.pt"):
+        with pytest.raises(ValueError, match=f"^--judge {tmp_path / name}: not a reward model[^\n]*$"):
+            evaluate.load_judge(tmp_path / name, tok, 64, "cpu")
+    small = reward.RewardModel(Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=8, multiple_of=16)))
+    save(small, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        evaluate.load_judge(tmp_path / "small.pt", tok, 64, "cpu")
+
