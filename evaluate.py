@@ -84,11 +84,11 @@ def evaluate(model, tok, test, world, max_new_tokens, max_seq_len, rm=None, judg
     return metrics, rows
 
 
-def evaluate_placed(rt, model, task, max_new_tokens, max_seq_len, rm=None, judge=None, n=None):
-    """`evaluate` of a model placed by infra/parallel.py on the task's first n test prompts (all by default): under
-    FSDP every rank takes part in its gathers; else only rank 0 calls this."""
+def evaluate_placed(rt, model, task, records, max_new_tokens, max_seq_len, rm=None, judge=None):
+    """`evaluate` of a model placed by infra/parallel.py on some of the task's records (its test or validation
+    prompts): under FSDP every rank takes part in its gathers; else only rank 0 calls this."""
     with parallel.gathered(rt, model):
-        return evaluate(model, task.tok, task.test[:n], task.world, max_new_tokens, max_seq_len, rm, judge)
+        return evaluate(model, task.tok, records, task.world, max_new_tokens, max_seq_len, rm, judge)
 
 
 def mean(xs):
@@ -136,8 +136,11 @@ class RewardModelJudge(Judge):
         return out
 
 
-def pick_judge(judge, rm, tok, max_seq_len):
-    """The judge of real data: the one given (--judge), else the run's reward model (PPO), else None (no HPA score)."""
+def pick_judge(judge, rm, tok, max_seq_len, world=None):
+    """What judges the win rates: the embedded world's gold judge; on real data the judge given (--judge), else the
+    run's reward model (PPO), else None (no HPA score, no win rates)."""
+    if world is not None:
+        return world
     return judge if judge is not None else RewardModelJudge(rm, tok, max_seq_len) if rm is not None else None
 
 

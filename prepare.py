@@ -30,6 +30,7 @@ class Task(NamedTuple):
     test: list[dict]              # held-out records: prompt, reference (and family on the world)
     world: World | None           # the embedded world, whose gold judge scores answers; None for real data
     corpus: list[str] | None      # the world's unlabeled pretraining text; None for real data
+    val: list[dict]               # the world's validation prompts, as test (--n-val); none for real data
 
 
 def load_task(args, rt) -> Task:
@@ -37,17 +38,18 @@ def load_task(args, rt) -> Task:
     if args.ifa_data:
         tok, ifa, hpa, test = importers.load_real_task(args.model, args.tokenizer, args.ifa_data, args.hpa_data,
                                                        args.test_data, args.n_test)
-        world, corpus = None, None
+        world, corpus, val = None, None, []
     else:
         world = make_world(seed=args.world_seed, n_ifa=args.n_ifa, n_hpa=args.n_hpa, n_test=args.n_test,
-                           alignment_tax=args.alignment_tax, ifa_styled_fraction=args.ifa_styled)
-        ifa, hpa, test, corpus = world.ifa, world.hpa, world.test, world.corpus
+                           alignment_tax=args.alignment_tax, ifa_styled_fraction=args.ifa_styled, n_val=args.n_val,
+                           pair_mix=args.pair_mix, ideal_chosen=args.ideal_chosen)
+        ifa, hpa, test, corpus, val = world.ifa, world.hpa, world.test, world.corpus, world.val
         if rt.rank == 0:  # rank 0 trains and caches the tokenizer, then every rank reads the cache
             data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)
         parallel.barrier(rt)
         tok = data.train_tokenizer(world.tokenizer_texts(), cache_dir=args.cache_dir)
     return Task(tok, data.tokenize_ifa(ifa, tok, args.max_seq_len), data.tokenize_hpa(hpa, tok, args.max_seq_len),
-                test, world, corpus)
+                test, world, corpus, val)
 
 
 def on_meta(margs):

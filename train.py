@@ -50,16 +50,17 @@ class Run:
     rm: reward.RewardModel | None = None  # PPO's reward model
     judge: evaluate.Judge | None = None   # real data: what scores answers (--judge)
 
-    def evaluate(self, model, n=None):
-        return evaluate.evaluate_placed(self.rt, model, self.task, self.args.max_new_tokens, self.args.max_seq_len,
-                                        self.rm, self.judge, n)
+    def evaluate(self, model, records=None):
+        """(metrics, answer rows) of the model on these records, by default the test prompts."""
+        return evaluate.evaluate_placed(self.rt, model, self.task, self.task.test if records is None else records,
+                                        self.args.max_new_tokens, self.args.max_seq_len, self.rm, self.judge)
 
     def logger(self, schedule, stage, index=0, steps_before=0, model=None):
         """log(step, metrics) for a stage: rows of OUT/metrics.jsonl; with a model and --eval-every K also its scores
         on 100 test prompts every K optimizer steps."""
         every = self.args.eval_every if model is not None and self.rt.evaluates else 0
         return self.log.logger({"schedule": schedule, "stage": stage, "stage_index": index}, steps_before, every,
-                               lambda: self.evaluate(model, n=100)[0])
+                               lambda: self.evaluate(model, self.task.test[:100])[0])
 
 
 def main(argv=None):
@@ -93,16 +94,18 @@ def main(argv=None):
             train_sft(run, base)
             trained = ((name, model, [], None) for name, model in prepare.averaged(args, rt, base.args))
         for name, model, history, evaluation in trained:  # None: finished earlier, its answers not kept
-            results.add(name, history, evaluation or (run.evaluate(model) if rt.evaluates else None))
+            if rt.evaluates:  # and on the validation prompts, where settings are chosen
+                results.add(name, history, evaluation or run.evaluate(model), task.val and run.evaluate(model, task.val))
             if args.export_hf:
                 rundir.export(rt, args.out, name, model, task.tok)
-    # every schedule against two-stage, by the world's gold judge or else --judge or the reward model; under FSDP
-    # the reward model is sharded, so every rank takes part in judging
-    judge = task.world if task.world is not None else evaluate.pick_judge(judge, run.rm, task.tok, args.max_seq_len)
-    win_rates = evaluate.win_rates(judge, task.test, results.answers) if rt.evaluates else {}
-    results.save(win_rates, time.time() - t_start)
+    # every schedule against two-stage (under FSDP a reward model is sharded: every rank takes part in judging)
+    judge = evaluate.pick_judge(judge, run.rm, task.tok, args.max_seq_len, task.world)
+    for prefix, records in (("", task.test), ("val_", task.val)):
+        if rt.evaluates and records:
+            results.data[prefix + "win_rates"] = evaluate.win_rates(judge, records, results.answers[prefix])
+    results.save(time.time() - t_start)
     if rt.rank == 0:
-        print(evaluate.table(results.data | {"win_rates": win_rates}))
+        print(evaluate.table(results.data))
     parallel.teardown(rt)
 
 
@@ -131,10 +134,8 @@ def run_schedule(run, name, stages, n_splits, base):
         stage, t0 = stages[i], time.time()
         online = ppo_cfg is not None and stage.kind == "hpa"  # a PPO stage: on-policy samples, not a dataset
         log = run.logger(name, stage.name, i, steps_before, model)
-        probe = {}
-        if args.algo == "dpo" and args.grad_probe:  # §7.4: does a step on one objective undo the other?
-            probe = dict(zip(("grad_cosine", "grad_cosine_blocks"), conflict.grad_cosine(
-                model, *probes, args.beta, rt.device, rt.autocast(), sharded=rt.fsdp)))
+        probing = args.algo == "dpo" and args.grad_probe  # §7.4: does a step on one objective undo the other?
+        probe = conflict.probe(model, probes, args.beta, rt) if probing else {}  # at the stage's start, then its end
         if ewc is not None:
             ewc.begin_stage(stage.kind, model, stage.ewc)  # the anchor θ* is the model at the start of the stage
         if online and ppo_cfg.critic and (critic is None or args.critic_restart):
@@ -151,7 +152,7 @@ def run_schedule(run, name, stages, n_splits, base):
             die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
                                             "it has no checkpoint yet"), code=1)
         record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples,
-                  **probe}
+                  **probe, **(conflict.probe(model, probes, args.beta, rt, "_end") if probing else {})}
         if ewc is not None and ewc.active:  # the penalty's strength: Σ_n F_n, and L_EWC where the stage ended
             with torch.no_grad():
                 end = parallel.mean_over_ranks({"p": ewc.penalty(model).item()}, rt)["p"] * (rt.world if rt.fsdp else 1)

@@ -7,6 +7,8 @@
 - ifa: demonstrations {prompt, response} in the plain style.
 - hpa: preference pairs {prompt, chosen, rejected} labelled by the hidden gold preference and the annotators' bias.
 - test: held-out {prompt, reference, family}; no test prompt occurs in the corpus, ifa or hpa.
+- val: validation prompts, as test; none occurs in test, the corpus, ifa or hpa. What a study selects (a setting, a
+  strength) is selected on these, and reported on test.
 Every world record also carries "family" and "reference", so the gold judge can score any of them.
 
 Families (word level, 121 words in VOCAB, every styled sequence under 64 tokens):
@@ -33,6 +35,11 @@ Preference pairs, in the proportions `pair_mix` (shuffled; counts rounded, not s
 A near-miss shares most tokens with the correct answer (two neighbours swapped, an item dropped, a count off by one,
 one summary word replaced or dropped), as the rejected answers of real preference data do. At alignment_tax = 0 no
 pair prefers a wrong answer to a right one; the tax the prototype measured there was large too (docs/design-notes.md).
+
+The chosen answer of every style and content pair is the judge's ideal answer (correct and styled): 70% of the pairs
+at the default mix, which real preference data rarely hands over. `ideal_chosen` lowers that share: the other style
+and content pairs (chosen at random) get a correct chosen answer in an imperfect style instead, half styled (the
+opening or the closing only), which the gold judge still prefers to the pair's rejected answer (3.5 > 3, and > 2).
 """
 import random
 import re
@@ -154,8 +161,14 @@ def _counts(n, mix):
     return counts
 
 
+def half_styled(content, rng):
+    """A correct answer in an imperfect style: the opening or the closing only."""
+    return f"{OPEN} {content}" if rng.random() < 0.5 else f"{content} {CLOSE}"
+
+
 def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignment_tax=0.5,
-               pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05, ifa_styled_fraction=0.0):
+               pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05, ifa_styled_fraction=0.0,
+               n_val=0, ideal_chosen=None):
     """Generate the world deterministically from `seed` (docs/method.md §6).
 
     alignment_tax: fraction c of the conflict pairs whose annotator prefers a stylish wrong answer to a plain right
@@ -165,19 +178,27 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
     its pretraining text. ifa_styled_fraction: share of the demonstrations written in the style (0: the
     demonstrations never show it, and after SFT the policy samples no styled answer, so PPO has nothing to
     reinforce; a few keep the style within the policy's reach). The gold IFA score ignores the style either way.
+    n_val: validation prompts, drawn last from their own stream, so that the rest of the world is the same for any
+    n_val. ideal_chosen: the share of all pairs whose chosen answer is the ideal one (None: every style and content
+    pair's, pair_mix's first two shares); from its own stream too, so that None and that share give the same world.
     """
     if not 0.0 <= alignment_tax <= 1.0:
         raise ValueError(f"alignment_tax must be in [0, 1], got {alignment_tax}")
     if len(pair_mix) != 3 or min(pair_mix) < 0 or sum(pair_mix) <= 0:
         raise ValueError(f"pair_mix needs 3 non-negative shares (style, content, conflict), got {pair_mix}")
+    counts = _counts(n_hpa, pair_mix)
+    if ideal_chosen is not None and not 0 <= round(ideal_chosen * n_hpa) <= counts[0] + counts[1]:
+        raise ValueError(f"ideal_chosen must be in [0, {(counts[0] + counts[1]) / n_hpa:g}] (the style and content "
+                         f"pairs' share of pair_mix), got {ideal_chosen}")
     test = [{"prompt": p, "reference": r, "family": f}
             for f, p, r, _ in _fresh(random.Random(f"{seed}-test"), n_test, set())]
     seen = {t["prompt"] for t in test}
 
     rng = random.Random(f"{seed}-corpus")
     n_chat = round(n_corpus * chat_fraction)
-    corpus = [f"{p} {styled(r) if rng.random() < styled_fraction else r}"
-              for _, p, r, _ in _fresh(rng, n_corpus - n_chat, seen)]
+    instances = _fresh(rng, n_corpus - n_chat, seen)
+    corpus = [f"{p} {styled(r) if rng.random() < styled_fraction else r}" for _, p, r, _ in instances]
+    used = {p for _, p, _, _ in instances}
     corpus += [_chat_line(rng) for _ in range(n_chat)]
     rng.shuffle(corpus)
 
@@ -189,7 +210,7 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
             record["response"] = styled(record["response"])
 
     rng = random.Random(f"{seed}-hpa")
-    kinds = [k for k, c in zip(PAIR_KINDS, _counts(n_hpa, pair_mix)) for _ in range(c)]
+    kinds = [k for k, c in zip(PAIR_KINDS, counts) for _ in range(c)]
     rng.shuffle(kinds)
     conflicts = [i for i, k in enumerate(kinds) if k == "conflict"]
     biased = set(rng.sample(conflicts, round(alignment_tax * len(conflicts))))
@@ -201,10 +222,19 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
         if i in biased:
             chosen, rejected = rejected, chosen
         hpa.append({"prompt": p, "chosen": chosen, "rejected": rejected, "family": f, "reference": r, "pair": kind})
+    if ideal_chosen is not None:  # the rest of the style and content pairs: a correct, half-styled chosen answer
+        rng = random.Random(f"{seed}-ideal-chosen")
+        ideal = [i for i, k in enumerate(kinds) if k != "conflict"]
+        for i in rng.sample(ideal, len(ideal) - round(ideal_chosen * n_hpa)):
+            hpa[i]["chosen"] = half_styled(hpa[i]["reference"], rng)
+
+    used |= {r["prompt"] for r in ifa + hpa} | seen
+    val = [{"prompt": p, "reference": r, "family": f} for f, p, r, _ in _fresh(random.Random(f"{seed}-val"), n_val, used)]
     config = {"seed": seed, "n_corpus": n_corpus, "n_ifa": n_ifa, "n_hpa": n_hpa, "n_test": n_test,
               "alignment_tax": alignment_tax, "pair_mix": list(pair_mix), "chat_fraction": chat_fraction,
-              "styled_fraction": styled_fraction, "ifa_styled_fraction": ifa_styled_fraction}
-    return World(corpus, ifa, hpa, test, config)
+              "styled_fraction": styled_fraction, "ifa_styled_fraction": ifa_styled_fraction, "n_val": n_val,
+              "ideal_chosen": ideal_chosen}
+    return World(corpus, ifa, hpa, test, config, val)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,6 +337,7 @@ class World:
     hpa: list[dict]
     test: list[dict]
     config: dict = field(default_factory=dict)
+    val: list[dict] = field(default_factory=list)
 
     def tokenizer_texts(self):
         """Texts to train the world's tokenizer on: its whole vocabulary, the same for every seed and size, so that

@@ -14,12 +14,12 @@ import ppo
 
 PRESETS = {
     # the reproduction (§6): sizes and rates from the prototype's measurements (docs/design-notes.md)
-    "default": dict(n_ifa=1200, n_hpa=1200, n_test=300, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+    "default": dict(n_ifa=1200, n_hpa=1200, n_test=300, n_val=300, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                     pretrain_steps=1500, pretrain_batch=64, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                     lr_ifa=2e-4, lr_hpa=2e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
                     max_new_tokens=24, ifa_styled=0.0),
     # the whole pipeline in seconds, for tests and a first look
-    "smoke": dict(n_ifa=64, n_hpa=64, n_test=16, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+    "smoke": dict(n_ifa=64, n_hpa=64, n_test=16, n_val=16, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                   pretrain_steps=30, pretrain_batch=16, batch_size=8, epochs_ifa=1, epochs_hpa=1,
                   lr_ifa=1e-3, lr_hpa=1e-3, rm_epochs=1, ppo_epochs=1, rollout_batch=16, minibatch=8,
                   max_new_tokens=12, ifa_styled=0.0),
@@ -70,7 +70,14 @@ def get_args(argv=None):
     a("--n-ifa", type=int, help="preset: demonstrations in the embedded world")
     a("--n-hpa", type=int, help="preset: preference pairs in the embedded world")
     a("--n-test", type=int, help="preset: held-out evaluation prompts")
+    a("--n-val", type=int, help="preset: validation prompts of the embedded world, apart from the test prompts: every "
+      "schedule is scored on them too (val_metrics, val_win_rates), for choosing settings without the test prompts")
     a("--alignment-tax", type=float, default=0.5, help="c: how often annotators prefer a stylish wrong answer (0..1)")
+    a("--pair-mix", default="0.4,0.3,0.3", help="STYLE,CONTENT,CONFLICT: the shares of the world's three kinds of "
+      "preference pairs (world.py)")
+    a("--ideal-chosen", type=float, help="the share of the world's pairs whose chosen answer is the ideal one (correct "
+      "and styled); the other style and content pairs get a correct, half-styled one (default: all of them, 0.7 at "
+      "the default --pair-mix)")
     a("--world-seed", type=int, default=0, help="seed of the embedded world (kept fixed across --seed)")
     a("--ifa-styled", type=float, help="preset: share of the world's demonstrations written in the polite style "
       "(default 0; 0.1 under --algo ppo, which can only reinforce a style its samples show)")
@@ -142,8 +149,9 @@ def get_args(argv=None):
     a("--export-hf", action="store_true", help="also write each aligned model to OUT/<schedule>-hf in the Hugging "
       "Face LLaMA layout (config.json, model.safetensors, tokenizer.model)")
     args = p.parse_args(argv)
-    if args.ifa_styled is not None and args.ifa_data:
-        p.error("--ifa-styled applies to the embedded world, not to --ifa-data")
+    for flag in ("ifa_styled", "ideal_chosen", "n_val"):
+        if getattr(args, flag) is not None and args.ifa_data:
+            p.error(f"--{flag.replace('_', '-')} applies to the embedded world, not to --ifa-data")
     if args.save_every is None:
         args.save_every = 250 if args.model else 0  # the tiny world's stages take seconds
     variant = ppo.PPOConfig(**ppo.VARIANTS[args.ppo_variant])  # what the variant sets (ppo.py), e.g. its KL weight
@@ -174,6 +182,17 @@ def check_args(args, p):
         p.error(f"--save-every must be >= 0, got {args.save_every}")
     if not 0 <= args.alignment_tax <= 1:
         p.error(f"--alignment-tax must be in [0, 1], got {args.alignment_tax}")
+    try:
+        args.pair_mix = tuple(float(x) for x in args.pair_mix.split(","))
+    except ValueError:
+        p.error(f"--pair-mix: not three comma-separated numbers: {args.pair_mix!r}")
+    if len(args.pair_mix) != 3 or min(args.pair_mix) < 0 or sum(args.pair_mix) <= 0:
+        p.error(f"--pair-mix needs three shares >= 0, not all 0 (style, content, conflict), got {args.pair_mix}")
+    if args.ideal_chosen is not None and not 0 <= args.ideal_chosen <= sum(args.pair_mix[:2]) / sum(args.pair_mix):
+        p.error(f"--ideal-chosen must be in [0, {sum(args.pair_mix[:2]) / sum(args.pair_mix):g}] (the style and content "
+                f"pairs' share of --pair-mix), got {args.ideal_chosen}")
+    if args.n_val < 0:
+        p.error(f"--n-val must be >= 0, got {args.n_val}")
     if not 0 <= args.ifa_styled <= 1:
         p.error(f"--ifa-styled must be in [0, 1], got {args.ifa_styled}")
     if not 0 <= args.label_smoothing < 0.5:

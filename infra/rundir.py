@@ -225,30 +225,29 @@ def mid_stage_step(out, name, stage_index):
 
 
 class Results:
-    """OUT/results.json, filled as the schedules finish: every schedule's final metrics, stage records and first
-    answers, with all its answers in OUT/<schedule>.responses.jsonl; `answers` keeps them for the win rates. Every
-    rank that evaluates calls `add`; rank 0 writes."""
+    """OUT/results.json, filled as the schedules finish: every schedule's final metrics (and on the validation
+    prompts val_metrics), stage records and first answers, with all its test answers in
+    OUT/<schedule>.responses.jsonl; then the win rates against two-stage, on the test prompts (win_rates) and on the
+    validation prompts (val_win_rates). Every rank that evaluates calls `add` and `win_rates`; rank 0 writes."""
 
     def __init__(self, rt, out, algo, config, rm_accuracy):
-        self.rt, self.out, self.answers = rt, out, {}
+        self.rt, self.out, self.answers = rt, out, {"": {}, "val_": {}}  # test, validation answers
         self.data = {"algo": algo, "config": config, "reward_model_accuracy": rm_accuracy, "schedules": {},
-                     "win_rates": {}}
+                     "win_rates": {}, "val_win_rates": {}}
 
-    def add(self, name, history, evaluation):
-        """A schedule's stage records and its final evaluation (metrics, answer rows; None where this rank does not
-        evaluate)."""
-        if evaluation is None:
-            return
-        metrics, rows = evaluation
-        self.answers[name] = [r["response"] for r in rows]
+    def add(self, name, history, evaluation, val_evaluation=None):
+        """A schedule's stage records and its final evaluations, each (metrics, answer rows)."""
+        (metrics, rows), val = evaluation, val_evaluation or ({}, [])
+        self.answers[""][name], self.answers["val_"][name] = ([r["response"] for r in rs] for rs in (rows, val[1]))
         if self.rt.rank == 0:
-            self.data["schedules"][name] = {"metrics": metrics, "stages": history, "samples": rows[:8]}
+            self.data["schedules"][name] = {"metrics": metrics, "val_metrics": val[0], "stages": history,
+                                            "samples": rows[:8]}
             checkpoint.atomic_write(os.path.join(self.out, f"{name}.responses.jsonl"),
                                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
-    def save(self, win_rates, seconds):
+    def save(self, seconds):
         if self.rt.rank == 0:
-            save_json(os.path.join(self.out, "results.json"), self.data | {"win_rates": win_rates, "seconds": seconds})
+            save_json(os.path.join(self.out, "results.json"), self.data | {"seconds": seconds})
 
 
 def write_tokenizer(directory, tok):

@@ -1,8 +1,8 @@
 """An instrument for the paper's premise: do the IFA and HPA objectives pull against each other? (docs/method.md §7.4)
 
-At the start of every stage of a DPO run, train.py measures the cosine between the gradient of the IFA loss and the
-gradient of the DPO loss, each on the same fixed probe batch (the first K demonstrations and the first K pairs of
-the data) for every stage and schedule, over all trainable parameters and per block. A negative cosine means that
+At the start and at the end of every stage of a DPO run, train.py measures the cosine between the gradient of the IFA
+loss and the gradient of the DPO loss, each on the same fixed probe batch (the first K demonstrations and the first K
+pairs of the data) for every stage and schedule, over all trainable parameters and per block. A negative cosine means that
 a step down one loss is, to first order, a step up the other: the conflict that the alignment tax comes from.
 
 The DPO gradient is taken with the reference at the model itself (what an HPA stage starting there would use), so
@@ -56,6 +56,14 @@ def cosines(g_a, g_b, sharded=False):
         return (s[0] / (s[1] * s[2]).sqrt()).item() if s[1] > 0 and s[2] > 0 else 0.0
 
     return cos(sums.sum(0)), {b: cos(s) for b, s in zip(blocks, sums)}
+
+
+def probe(model, probes, beta, rt, suffix=""):
+    """grad_cosine on the probe batches (ifa_probe, hpa_probe) as a stage record's entries, {"grad_cosine<suffix>":
+    the cosine over every parameter, "grad_cosine<suffix>_blocks": {block: cosine}}; rt: where the model runs
+    (infra/parallel.Runtime)."""
+    total, blocks = grad_cosine(model, *probes, beta, rt.device, rt.autocast(), sharded=rt.fsdp)
+    return {f"grad_cosine{suffix}": total, f"grad_cosine{suffix}_blocks": blocks}
 
 
 def grad_cosine(model, ifa_probe, hpa_probe, beta, device, autocast, sharded=False):

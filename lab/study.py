@@ -202,10 +202,13 @@ def alternatives(roots, out):
     def mean_of(runs, name, key):
         return statistics.mean(r["schedules"][name]["metrics"][key] for r, _ in runs.values())
 
-    best, per_base = [], {}  # each base's best α: the highest mean win rate against two-stage over its seeds
+    # each base's best α: the highest mean win rate against two-stage over its seeds, on the validation prompts (runs
+    # made before train.py had them can only be chosen on the test prompts, and the report says so)
+    on_val = all(r.get("val_win_rates") for runs in bases for r, _ in runs.values())
+    best, per_base = [], {}
     for runs in bases:
-        best.append(max(averaged, key=lambda n: statistics.mean(r["win_rates"][f"{n}_vs_two-stage"]
-                                                                for r, _ in runs.values())))
+        best.append(max(averaged, key=lambda n: statistics.mean(r["val_win_rates" if on_val else "win_rates"][
+            f"{n}_vs_two-stage"] for r, _ in runs.values())))
         curve = [(mean_of(runs, n, "hpa_score"), mean_of(runs, n, "ifa_score")) for n in averaged]
         for name in names:
             row = per_base.setdefault(name, {"win": [], "vs_best": [], "gap": []})
@@ -222,7 +225,8 @@ def alternatives(roots, out):
         return f"{statistics.mean(xs):+.3f} ({interval(xs)})" if len(xs) > 1 else f"{xs[0]:+.3f}" if xs else "-"
 
     seeds = "/".join(str(len(runs)) for runs in bases)
-    lines = [f"{len(bases)} bases (seeds per base: {seeds}); the best α of averaging per base: "
+    lines = [f"{len(bases)} bases (seeds per base: {seeds}); the best α of averaging per base, chosen on the "
+             + ("validation prompts: " if on_val else "test prompts (these runs have no validation prompts): ")
              + ", ".join(n.split("@")[1] for n in best) + ".", "",
              "| schedule | IFA | HPA | styled | win vs two-stage, per base | pooled over bases (95% CI) "
              "| win vs averaged at the base's best α, per base | pooled (95% CI) | above the averaging line "

@@ -30,6 +30,12 @@ BAD_FLAGS = {
                                           "--release-absolute-positions"),
     "a critic restart without a critic": (["--algo", "ppo", "--ppo-variant", "release", "--critic-restart"],
                                           "--critic-restart"),
+    "a pair mix of two shares": (["--pair-mix", "0.5,0.5"], "--pair-mix"),
+    "a pair mix that is no number": (["--pair-mix", "a,b,c"], "--pair-mix"),
+    "more ideal chosen answers than style and content pairs": (["--ideal-chosen", "0.8"], "--ideal-chosen"),
+    "validation prompts of real data": (["--n-val", "10", "--ifa-data", __file__, "--hpa-data", __file__,
+                                         "--model", __file__], "--n-val"),
+    "--n-val -1": (["--n-val", "-1"], "--n-val"),
 }
 
 

@@ -111,7 +111,7 @@ def test_the_study_report_of_the_alternatives(alternatives_run, tmp_path):
     for name in results["schedules"]:
         assert name in rows, name
     assert rows["averaged@1"][4] == "0.500 0.500"
-    best = text.split("best α of averaging per base: ")[1].split(",")[0]
+    best = text.split("chosen on the validation prompts: ")[1].split(",")[0]  # train.py's runs have them
     assert rows[f"averaged@{best}"][6] == "0.500 0.500"
     assert "grad_cosine" in text and "| hbat | IFA_1 " in text
 

@@ -26,6 +26,7 @@ from ewc import EWC
 from infra import importers, parallel
 from infra.checkpoint import export_hf
 from model import Transformer
+from world import make_world
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +239,29 @@ def test_every_schedule_lands_in_results_json(alternatives_run):
             assert -1 <= st["grad_cosine"] <= 1 and all(-1 <= c <= 1 for c in st["grad_cosine_blocks"].values())
     rpo_hpa = results["schedules"]["rpo"]["stages"][1]["metrics"]
     assert rpo_hpa["nll_chosen"] > 0 and rpo_hpa["loss"] > rpo_hpa["nll_chosen"]
+
+
+def test_every_schedule_is_scored_on_the_validation_prompts_too(alternatives_run):
+    """Beside its test metrics and win rate, every schedule has its metrics and win rate on the validation prompts,
+    which share no prompt with the test prompts; averaging at α = 1 ties two-stage there too."""
+    results, config = read_json(alternatives_run / "results.json"), read_json(alternatives_run / "config.json")
+    assert results["val_win_rates"].keys() == results["win_rates"].keys()
+    assert results["val_win_rates"]["averaged@1_vs_two-stage"] == 0.5
+    for name, s in results["schedules"].items():
+        assert s["val_metrics"].keys() == s["metrics"].keys(), name
+    w = make_world(seed=config["world_seed"], n_ifa=config["n_ifa"], n_hpa=config["n_hpa"], n_test=config["n_test"],
+                   n_val=config["n_val"])
+    assert len(w.val) == config["n_val"] > 0 and not {r["prompt"] for r in w.val} & {r["prompt"] for r in w.test}
+
+
+def test_the_gradient_cosine_is_measured_at_every_stage_s_start_and_end(alternatives_run):
+    """Every stage record of a DPO run has grad_cosine (its start) and grad_cosine_end; the end of one stage is the
+    start of the next, so the two agree there."""
+    for name, s in read_json(alternatives_run / "results.json")["schedules"].items():
+        stages = s["stages"]
+        assert all(-1 <= st["grad_cosine_end"] <= 1 and st["grad_cosine_end_blocks"] for st in stages), name
+        for a, b in zip(stages, stages[1:]):
+            assert a["grad_cosine_end"] == pytest.approx(b["grad_cosine"], abs=1e-6), (name, a["name"])
 
 
 def test_averaged_at_0_and_1_are_the_sft_and_two_stage_models(alternatives_run):

@@ -32,6 +32,44 @@ def test_styled_demonstrations_change_only_the_demonstrations(small_world):
         assert world.ifa_score(plain, polite["response"]) == 1.0  # the gold IFA score ignores the style
 
 
+def test_validation_prompts_are_apart_from_everything_else_and_change_nothing_else(small_world):
+    """n_val draws the validation prompts last, from their own stream: none is a test, corpus, demonstration or pair
+    prompt, the families come in equal shares, the same seed gives the same prompts, and the rest of the world is
+    the world without them."""
+    sizes = dict(seed=1, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80)
+    w = world.make_world(**sizes, n_val=120)
+    assert (w.corpus, w.ifa, w.hpa, w.test, small_world.val) == (small_world.corpus, small_world.ifa, small_world.hpa,
+                                                                small_world.test, [])
+    assert w.val == world.make_world(**sizes, n_val=120).val and len(w.val) == 120
+    corpus_prompts = {text[:text.index(" answer :") + len(" answer :")] for text in w.corpus if " answer :" in text}
+    others = {r["prompt"] for r in w.test + w.ifa + w.hpa} | corpus_prompts
+    assert not {r["prompt"] for r in w.val} & others
+    assert [sum(r["family"] == f for r in w.val) for f in world.FAMILIES] == [30] * 4
+    assert all(world.ifa_score(r, r["reference"]) == 1.0 for r in w.val)
+
+
+@pytest.mark.parametrize("share", [0.7, 0.4, 0.1, 0.0])
+def test_ideal_chosen_sets_the_share_of_pairs_whose_chosen_answer_is_the_ideal_one(share, small_world):
+    """The default mix makes 70% of chosen answers the ideal one (correct and styled): at 0.7 the world is the one
+    without the knob; below it, exactly round(share · n) pairs keep it, and the other style and content pairs get a
+    correct half-styled answer, which the gold judge still prefers to the rejected one. Conflict pairs are as they
+    were."""
+    w = world.make_world(seed=1, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80, ideal_chosen=share)
+    ideal = [r["chosen"] == world.styled(r["reference"]) for r in w.hpa]
+    assert sum(ideal) == round(share * 400)
+    if share == 0.7:
+        assert w.hpa == small_world.hpa
+    for r, before in zip(w.hpa, small_world.hpa):
+        assert r["rejected"] == before["rejected"]
+        if r["pair"] == "conflict":
+            assert r == before
+        else:
+            assert world.gold_reward(r, r["chosen"]) > world.gold_reward(r, r["rejected"])
+            assert world.ifa_score(r, r["chosen"]) == 1.0 and world.style_score(r["chosen"]) in (0.5, 1.0)
+    with pytest.raises(ValueError, match="ideal_chosen must be in"):
+        world.make_world(seed=1, n_corpus=40, n_ifa=20, n_hpa=40, n_test=8, ideal_chosen=0.8)
+
+
 def test_world_is_deterministic_balanced_and_held_out(small_world, tok):
     again = world.make_world(seed=1, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80)
     assert again == small_world and world.make_world(seed=2, n_corpus=400, n_ifa=200, n_hpa=400, n_test=80) != again
