@@ -65,8 +65,10 @@ def setup(device="auto", dtype="auto", fsdp=False, compile=False, activation_che
 
 
 def teardown(rt):
-    """The end of a run under torchrun: leave the process group."""
+    """The end of a run under torchrun: once every rank is done with every collective, leave the process group (a
+    rank that tears gloo down while another still talks to it can abort at exit)."""
     if rt.world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
