@@ -112,13 +112,13 @@ def base_path(args, task):
 
 def cache_base(args, rt, task, model, final_loss):
     """Keep a freshly pretrained tiny base under --cache-dir (base_path), for this run and every later one; returns it
-    as loaded back."""
+    as loaded back (its vocabulary is the tokenizer's, so base_model's check is not needed)."""
     path = base_path(args, task)
     if rt.rank == 0:
         tqdm.write(f"pretrained the tiny base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                    f"final loss {final_loss:.3f}, cached at {path}")
     rundir.save_model(rt, path, model)
-    return base_model(args, rt, task)
+    return lean_load(rt, path)
 
 
 def base_model(args, rt, task):
