@@ -13,7 +13,7 @@ and the cheap alternatives a reader asks about next (docs/method.md §7):
 
     averaged    no training: (1 − α)·θ_SFT + α·θ_two-stage for each α of --average-alphas   (weight averaging)
     rpo         two-stage whose HPA stage adds α·NLL of the chosen answer to DPO              (RPO)
-    alright     one stage that alternates IFA and DPO steps, one batch each                  (ALRIGHT)
+    alright     one stage whose every step draws IFA or DPO at random, weighted by λ          (ALRIGHT)
 
 "Hbat without EWC" (alternation alone) is `hbat` with `--ewc none`; the other EWC variants (original, freeze,
 random) come through `--ewc` too, since they change how a stage is protected, not the order of the stages.
@@ -40,6 +40,7 @@ class Stage:
     epochs_hpa: int  # passes over that subset of D_HPA (0: none)
     ewc: bool        # whether it is held near its start by the other objective's importance (§3.2)
     rpo_alpha: float = 0.0  # weight of the chosen answer's NLL added to the DPO loss (rpo; §7.2)
+    alright_lambda: float = 0.5  # an "alternate" stage's weight of drawing a DPO step over an IFA step (§7.3)
 
 
 def sft_stage(e_ifa: int) -> Stage:
@@ -74,15 +75,16 @@ def rpo(e_ifa: int, e_hpa: int, alpha: float) -> list[Stage]:
     return [sft_stage(e_ifa), Stage("HPA", "hpa", 0, 0, e_hpa, ewc=False, rpo_alpha=alpha)]
 
 
-def alright(e_ifa: int, e_hpa: int) -> list[Stage]:
-    """§7.3: one stage over both datasets that takes an IFA step, then a DPO step, and so on (Fernando et al.
-    2024): every IFA batch of e_ifa passes and every DPO batch of e_hpa passes once, as in two-stage, interleaved
-    evenly when their numbers differ."""
-    return [Stage("ALT", "alternate", 0, e_ifa, e_hpa, ewc=False)]
+def alright(e_ifa: int, e_hpa: int, lam: float = 0.5) -> list[Stage]:
+    """§7.3: one stage over both datasets whose every step draws its objective at random, DPO with weight λ and IFA
+    with 1 − λ (Fernando et al. 2024). Every IFA batch of e_ifa passes and every DPO batch of e_hpa passes is taken
+    once, as in two-stage (`interleave`): λ moves the DPO steps earlier (λ > 1/2) or later, it does not change
+    how many there are."""
+    return [Stage("ALT", "alternate", 0, e_ifa, e_hpa, ewc=False, alright_lambda=lam)]
 
 
-def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool, rpo_alpha: float = 1.0
-          ) -> tuple[list[Stage], int]:
+def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool, rpo_alpha: float = 1.0,
+          alright_lambda: float = 0.5) -> tuple[list[Stage], int]:
     """Return (stages, number of data subsets the schedule splits each dataset into). `averaged` trains nothing
     (train.py evaluates it from two-stage's models): no stages."""
     if name == "two-stage":
@@ -94,7 +96,7 @@ def build(name: str, n: int, e_ifa: int, e_hpa: int, use_ewc: bool, rpo_alpha: f
     if name == "rpo":
         return rpo(e_ifa, e_hpa, rpo_alpha), 1
     if name == "alright":
-        return alright(e_ifa, e_hpa), 1
+        return alright(e_ifa, e_hpa, alright_lambda), 1
     if name == "averaged":
         return [], 1
     raise ValueError(f"--schedule: unknown schedule {name!r} (choose from {', '.join(SCHEDULES)})")
@@ -116,12 +118,17 @@ def split(items: list, n: int, seed: int) -> list[list]:
     return [[items[i] for i in order[a:b]] for a, b in zip(cuts, cuts[1:])]
 
 
-def interleave(n_a: int, n_b: int) -> list[int]:
-    """The order of alright's steps: n_a zeros (IFA) and n_b ones (DPO) spread evenly, starting with IFA; each
-    kind keeps its own batch order. Example: (3, 3) -> [0, 1, 0, 1, 0, 1]; (2, 4) -> [0, 1, 1, 0, 1, 1]."""
-    total = n_a + n_b
-    # step k is IFA where ceil(share of IFA steps due after k + 1 steps) goes up: exactly n_a of them
-    return [0 if -(-(k + 1) * n_a // total) > -(-k * n_a // total) else 1 for k in range(total)]
+def interleave(n_a: int, n_b: int, lam: float, seed: int) -> list[int]:
+    """The order of alright's steps: n_a zeros (IFA) and n_b ones (DPO), each step drawn at random: DPO with
+    probability λ·b / (λ·b + (1 − λ)·a), where a and b are the IFA and DPO steps still to take, so that every batch is
+    taken exactly once whatever λ (equal data). λ = 1/2 draws every order alike; λ = 0 puts every IFA step first (the
+    order of two-stage), λ = 1 every DPO step first. Each kind keeps its own batch order."""
+    rng, order, a, b = random.Random(seed), [], n_a, n_b
+    while a or b:
+        dpo = b and (not a or rng.random() * (lam * b + (1 - lam) * a) < lam * b)
+        order.append(1 if dpo else 0)
+        a, b = a - (not dpo), b - bool(dpo)
+    return order
 
 
 class Objective(NamedTuple):
@@ -134,14 +141,15 @@ class Objective(NamedTuple):
     lr: float
 
 
-def steps(kind: str, objectives: dict[str, Objective]):
+def steps(kind: str, objectives: dict[str, Objective], lam: float = 0.5, seed: int = 0):
     """A stage's optimizer steps, laid out from its objectives' batches by its kind: {"ifa": ..., "hpa": ...}, or the
     one objective of a stage of one. Yields (objective, micro-steps, shares, examples): the objective whose lr the
     step takes; for each micro-step of the step's gradient accumulation the parts whose losses it sums,
     [(objective, loss arguments, weight)], and its share; the number of examples the step uses.
 
         one objective   each batch is a step, each of its micro-batches a micro-step of one part, weight 1
-        alternate       IFA and HPA batches in turn (`interleave`), each a step of its own (ALRIGHT, §7.3)
+        alternate       IFA and HPA batches in the order `interleave(.., lam, seed)` draws, each a step of its own
+                        (ALRIGHT, §7.3)
         multi           every IFA batch with an HPA batch, cycling through the HPA batches (§2.4): micro-step i
                         sums micro-batch i of each, each weighted by its share of its batch; at the IFA lr
     """
@@ -153,7 +161,7 @@ def steps(kind: str, objectives: dict[str, Objective]):
         for micros, shares in batches[kind]:
             yield one(kind, micros, shares)
     elif kind == "alternate":
-        for k in interleave(objectives["ifa"].n_batches, objectives["hpa"].n_batches):
+        for k in interleave(objectives["ifa"].n_batches, objectives["hpa"].n_batches, lam, seed):
             objective = "hpa" if k else "ifa"
             yield one(objective, *next(batches[objective]))
     elif kind == "multi":

@@ -87,7 +87,7 @@ def main(argv=None):
     results = rundir.Results(rt, args.out, args.algo, flags.run_config(args), rm_accuracy)
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
         stages, n_splits = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none",
-                                      args.rpo_alpha)
+                                      args.rpo_alpha, args.alright_lambda)
         if stages:
             trained = [(name, *run_schedule(run, name, stages, n_splits, base))]
         else:  # weight averaging trains nothing (§7.1): the SFT model and two-stage's, interpolated
@@ -145,8 +145,9 @@ def run_schedule(run, name, stages, n_splits, base):
             if online:
                 m, steps, examples = run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log)
             else:
-                m, steps, examples = run_stage(run, stage.name, stage.kind, model,
-                                               stage_objectives(run, stage, model, subsets), ewc, midstage, log)
+                m, steps, examples = run_stage(run, stage.name, stage.kind, model, stage_objectives(
+                    run, stage, model, subsets), ewc, midstage, log, stage.alright_lambda,
+                    hbat.stage_seed(args.seed, stage.name, stage.kind, "order"))
         except FloatingPointError as e:  # the newest checkpoint that exists: this stage's progress, or the last stage's
             path = midstage.path if midstage.saved() else rundir.model_path(args.out, name)
             die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
@@ -201,9 +202,9 @@ def stage_objectives(run, stage, model, subsets):
     return objectives
 
 
-def run_stage(run, name, kind, module, objectives, ewc=None, midstage=None, log=None):
-    """One stage: a fresh AdamW (§2.2 step 3), then one train_step per step of hbat.steps(kind, ...), the lr warmed
-    up and decayed over the stage; `midstage` (rundir.MidStage) saves its progress every --save-every steps and
+def run_stage(run, name, kind, module, objectives, ewc=None, midstage=None, log=None, lam=0.5, seed=0):
+    """One stage: a fresh AdamW (§2.2 step 3), then one train_step per step of hbat.steps(kind, ...) (alright's steps
+    drawn with weight lam for DPO, from `seed`), the lr warmed up and decayed over the stage; `midstage` (rundir.MidStage) saves its progress every --save-every steps and
     resumes from it. Returns (the stage's mean metrics, its steps, the examples it trained on: repeats over epochs
     counted, over all ranks)."""
     args, rt = run.args, run.rt
@@ -213,7 +214,7 @@ def run_stage(run, name, kind, module, objectives, ewc=None, midstage=None, log=
     if midstage and (progress := midstage.restore(module, opt, name)):
         start, rows = progress["step"], progress["rows"]
     bar = tqdm(desc=name, total=n_steps, initial=start, leave=False, position=2, disable=None if rt.rank == 0 else True)
-    for step, (objective, micro_steps, shares, n) in enumerate(hbat.steps(kind, objectives)):
+    for step, (objective, micro_steps, shares, n) in enumerate(hbat.steps(kind, objectives, lam, seed)):
         examples += n * rt.world
         if step < start:  # a resumed stage skips the steps it took: the same batches, and the same examples counted
             continue

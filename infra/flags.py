@@ -120,6 +120,8 @@ def get_args(argv=None):
     a("--live-ref", action="store_true", help="keep a live reference model instead of cached log-probs")
     a("--rpo-alpha", type=float, default=1.0, help="rpo: weight of the chosen answer's mean token NLL added to the "
       "DPO loss (§7.2; TRL's rpo_alpha)")
+    a("--alright-lambda", type=float, default=0.5, help="alright: each step is a DPO step with weight λ and an IFA "
+      "step with 1 − λ, every batch still taken once (λ > 0.5: the DPO steps come earlier; §7.3)")
     a("--average-alphas", default="0,0.25,0.5,0.75,1", help="averaged: the α of (1 − α)·SFT + α·two-stage to "
       "evaluate, comma-separated (§7.1)")
     a("--grad-probe", type=int, default=32, help="DPO: at the start of every stage, the cosine between the IFA and "
@@ -216,6 +218,8 @@ def check_args(args, p):
         p.error(f"--average-alphas: not a comma-separated list of numbers: {args.average_alphas!r}")
     if not all(0 <= x <= 1 for x in args.average_alphas):
         p.error(f"--average-alphas must lie in [0, 1], got {args.average_alphas}")
+    if not 0 <= args.alright_lambda <= 1:
+        p.error(f"--alright-lambda must be in [0, 1], got {args.alright_lambda}")
     if args.rpo_alpha < 0 or args.grad_probe < 0:
         p.error("--rpo-alpha and --grad-probe must be >= 0")
     if bool(args.ifa_data) != bool(args.hpa_data):

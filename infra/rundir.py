@@ -8,6 +8,7 @@
     OUT/reward_model.pt          PPO's reward model, trained once
     OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/formats.md §4)
     OUT/<schedule>.responses.jsonl, OUT/<schedule>-hf/   the held-out answers; the Hugging Face export
+    OUT/<schedule>.val_responses.jsonl                   the answers to the validation prompts
 
 Every file is written atomically (checkpoint.atomic_write), so a kill leaves each whole, old or new. Only rank 0
 writes; every function here is called by every rank, so that the barriers line up.
@@ -227,7 +228,7 @@ def mid_stage_step(out, name, stage_index):
 class Results:
     """OUT/results.json, filled as the schedules finish: every schedule's final metrics (and on the validation
     prompts val_metrics), stage records and first answers, with all its test answers in
-    OUT/<schedule>.responses.jsonl; then the win rates against two-stage, on the test prompts (win_rates) and on the
+    OUT/<schedule>.responses.jsonl (validation answers: OUT/<schedule>.val_responses.jsonl); then the win rates against two-stage, on the test prompts (win_rates) and on the
     validation prompts (val_win_rates). Every rank that evaluates calls `add` and `win_rates`; rank 0 writes."""
 
     def __init__(self, rt, out, algo, config, rm_accuracy):
@@ -242,8 +243,10 @@ class Results:
         if self.rt.rank == 0:
             self.data["schedules"][name] = {"metrics": metrics, "val_metrics": val[0], "stages": history,
                                             "samples": rows[:8]}
-            checkpoint.atomic_write(os.path.join(self.out, f"{name}.responses.jsonl"),
-                                    lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+            for prefix, rs in (("", rows), ("val_", val[1])):  # what a study compares runs by, across run dirs
+                if rs:
+                    checkpoint.atomic_write(os.path.join(self.out, f"{name}.{prefix}responses.jsonl"),
+                                            lambda f, rs=rs: f.write("".join(json.dumps(r) + "\n" for r in rs).encode()))
 
     def save(self, seconds):
         if self.rt.rank == 0:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import world
+from infra.flags import get_args
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
@@ -168,158 +169,6 @@ def pooled(roots, versus=None):
     return "\n".join(lines)
 
 
-def frontier_gap(curve, point):
-    """How far a point (hpa, ifa) lies above the line through the `averaged` α-curve's points (hpa, ifa), in IFA
-    score at the point's HPA score: the highest of the curve's segments that span it (None where none does)."""
-    gaps = [point[1] - (i0 + (i1 - i0) * (point[0] - h0) / (h1 - h0) if h1 != h0 else max(i0, i1))
-            for (h0, i0), (h1, i1) in zip(curve, curve[1:]) if min(h0, h1) <= point[0] <= max(h0, h1)]
-    return min(gaps) if gaps else None
-
-
-def alternatives(roots, out):
-    """Hbat against the cheap alternatives over base models (one study root per world, each with main runs of
-    every schedule, `averaged` at several α): the base is the unit of replication. Writes OUT/ALTERNATIVES.md
-    (win rates against two-stage and head to head against averaging at each base's best α, the distance above the
-    averaging line), and with matplotlib OUT/tradeoff.png (IFA score against HPA score and against the styled
-    share, a panel per base, averaging drawn as a line through its α) and OUT/conflict.png (the IFA–DPO gradient
-    cosine at the start of every stage, along the schedule)."""
-    bases = []  # per base: {seed: (results, run dir)}
-    for root in roots:
-        runs = {}
-        for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            path = os.path.join(root, d, "results.json")
-            if d.startswith("main_") and os.path.exists(path):
-                with open(path) as f:
-                    runs[int(d.rsplit("_s", 1)[1])] = (json.load(f), os.path.join(root, d))
-        if runs:  # a base with no finished run yet is left out
-            bases.append(runs)
-    if not bases:
-        raise SystemExit("lab.study --alternatives: no finished main run under " + ", ".join(roots))
-    names = list(next(iter(bases[0].values()))[0]["schedules"])
-    averaged = [n for n in names if n.startswith("averaged@")]
-    trained = [n for n in names if n not in averaged]
-
-    def mean_of(runs, name, key):
-        return statistics.mean(r["schedules"][name]["metrics"][key] for r, _ in runs.values())
-
-    # each base's best α: the highest mean win rate against two-stage over its seeds, on the validation prompts (runs
-    # made before train.py had them can only be chosen on the test prompts, and the report says so)
-    on_val = all(r.get("val_win_rates") for runs in bases for r, _ in runs.values())
-    best, per_base = [], {}
-    for runs in bases:
-        best.append(max(averaged, key=lambda n: statistics.mean(r["val_win_rates" if on_val else "win_rates"][
-            f"{n}_vs_two-stage"] for r, _ in runs.values())))
-        curve = [(mean_of(runs, n, "hpa_score"), mean_of(runs, n, "ifa_score")) for n in averaged]
-        for name in names:
-            row = per_base.setdefault(name, {"win": [], "vs_best": [], "gap": []})
-            row["win"].append(statistics.mean(r["win_rates"].get(f"{name}_vs_two-stage", 0.5) for r, _ in runs.values()))
-            h2h = []
-            for r, d in runs.values():
-                a, b = responses(d, name), responses(d, best[-1])
-                h2h.append(world.win_rate(a, [x["response"] for x in a], [x["response"] for x in b]))
-            row["vs_best"].append(statistics.mean(h2h))
-            row["gap"].append(frontier_gap(curve, (mean_of(runs, name, "hpa_score"), mean_of(runs, name, "ifa_score"))))
-
-    def pool(xs):
-        xs = [x for x in xs if x is not None]
-        return f"{statistics.mean(xs):+.3f} ({interval(xs)})" if len(xs) > 1 else f"{xs[0]:+.3f}" if xs else "-"
-
-    seeds = "/".join(str(len(runs)) for runs in bases)
-    lines = [f"{len(bases)} bases (seeds per base: {seeds}); the best α of averaging per base, chosen on the "
-             + ("validation prompts: " if on_val else "test prompts (these runs have no validation prompts): ")
-             + ", ".join(n.split("@")[1] for n in best) + ".", "",
-             "| schedule | IFA | HPA | styled | win vs two-stage, per base | pooled over bases (95% CI) "
-             "| win vs averaged at the base's best α, per base | pooled (95% CI) | above the averaging line "
-             "(IFA), pooled (95% CI) |", "|---|" + "---|" * 8]
-    for name in names:
-        row, every = per_base[name], [r for runs in bases for r, _ in runs.values()]
-        m = {k: statistics.mean(r["schedules"][name]["metrics"].get(k, 0.0) for r in every)
-             for k in ("ifa_score", "hpa_score", "styled")}
-        lines.append(f"| {name} | {m['ifa_score']:.3f} | {m['hpa_score']:.3f} | {m['styled']:.3f} | "
-                     + " ".join(f"{w:.3f}" for w in row["win"]) + f" | {pool([w - 0.5 for w in row['win']])} | "
-                     + " ".join(f"{w:.3f}" for w in row["vs_best"]) + f" | {pool([w - 0.5 for w in row['vs_best']])}"
-                     + f" | {pool(row['gap'])}" + (f"; outside the line's HPA range on {row['gap'].count(None)} of "
-                                                   f"{len(bases)}" if None in row["gap"] else "") + " |")
-    lines += ["", "Win rates are pooled as differences from a tie (0.5). The averaging line is the α-curve's mean "
-              "points per base; a schedule above it keeps more IFA score at its HPA score than averaging does "
-              "(outside: its HPA score is above or below every averaged model's)."]
-    report = "\n".join(lines)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "ALTERNATIVES.md"), "w") as f:
-        f.write(f"# Hbat against the cheap alternatives\n\n{report}\n\n{cosine_table(bases, trained)}".rstrip() + "\n")
-    print(report)
-    plot_alternatives(out, bases, trained, averaged)
-
-
-def cosine_table(bases, trained):
-    """The IFA–DPO gradient cosine at each stage's start, mean ± std over every run of every base."""
-    lines = ["| schedule | grad_cosine at the start of each stage (mean ± std over runs) |", "|---|---|"]
-    for name in trained:
-        every = [r["schedules"][name]["stages"] for runs in bases for r, _ in runs.values()]
-        if not all("grad_cosine" in st for sts in every for st in sts):
-            continue
-        cells = [f"{sts[0]['name']} {mean_std([s[i]['grad_cosine'] for s in every])}"
-                 for i, sts in enumerate(zip(*every))]
-        lines.append(f"| {name} | " + ", ".join(cells) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""  # PPO runs measure no cosine
-
-
-def plot_alternatives(out, bases, trained, averaged):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: tables written, no plots")
-        return
-    fig, axes = plt.subplots(2, len(bases), figsize=(4 * len(bases), 7.5), squeeze=False)
-    for b, runs in enumerate(bases):
-        for row, x_key in zip(axes, ("hpa_score", "styled")):
-            ax = row[b]
-
-            def pts(name):
-                return [(r["schedules"][name]["metrics"].get(x_key, 0.0), r["schedules"][name]["metrics"]["ifa_score"])
-                        for r, _ in runs.values()]
-            line = [tuple(statistics.mean(c) for c in zip(*pts(n))) for n in averaged]
-            ax.plot(*zip(*line), "-", color="gray", label="averaged (α = " + ", ".join(n.split("@")[1] for n in averaged)
-                    + ")")
-            for name, (x, y) in zip(averaged, line):
-                ax.annotate(name.split("@")[1], (x, y), fontsize=6, color="gray")
-            for i, name in enumerate(trained):
-                xs, ys = zip(*pts(name))
-                sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (xs, ys)]
-                ax.errorbar(statistics.mean(xs), statistics.mean(ys), yerr=sd[1], xerr=sd[0], fmt="o", capsize=3,
-                            color=f"C{i}", label=name)
-            ax.set_xlabel("HPA score (gold reward)" if x_key == "hpa_score" else "styled share")
-            ax.set_ylabel("IFA score")
-            ax.set_title(f"base {b}")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "tradeoff.png"), dpi=120)
-
-    # two-stage and hbat: rpo's IFA and HPA stages start where two-stage's do, multi-task and alright at the base
-    cosine = [n for n in ("two-stage", "hbat") if n in trained and all(
-        "grad_cosine" in st for runs in bases for r, _ in runs.values() for st in r["schedules"][n]["stages"])]
-    if not cosine:
-        return
-    fig, axes = plt.subplots(1, len(bases), figsize=(4 * len(bases), 3.5), squeeze=False)
-    for b, runs in enumerate(bases):
-        ax = axes[0][b]
-        for i, name in enumerate(cosine):
-            stages = [r["schedules"][name]["stages"] for r, _ in runs.values()]
-            starts = [sum(st["steps"] for st in stages[0][:k]) for k in range(len(stages[0]))]
-            ys = [[s[k]["grad_cosine"] for s in stages] for k in range(len(starts))]
-            ax.errorbar(starts, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
-                        fmt="o-", capsize=3, color=f"C{i}", label=name)
-        ax.axhline(0, ls="--", color="gray")
-        ax.set_xlabel("optimizer step at the stage's start")
-        ax.set_ylabel("cos(∇L_IFA, ∇L_DPO)")
-        ax.set_title(f"base {b}")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "conflict.png"), dpi=120)
-
-
 def summarise(rows):
     """rows: {setting: [(metrics, win rate vs two-stage), one per seed]} -> markdown table."""
     lines = ["| setting | seeds | IFA score | HPA score | styled | no EOS | win rate vs two-stage | its 95% CI |",
@@ -362,14 +211,9 @@ def main():
     p.add_argument("--pool", nargs="+", metavar="ROOT", help="run nothing: pool the finished studies of several "
                    "base models (their OUT directories, each with its STUDY.json) with the base as the unit")
     p.add_argument("--versus", help="--pool: also the paired difference of each setting's win rate to this one's")
-    p.add_argument("--alternatives", nargs="+", metavar="ROOT", help="run nothing: Hbat against the cheap "
-                   "alternatives over several base models (study roots whose main runs have --schedules with "
-                   "averaged); writes --out/ALTERNATIVES.md, tradeoff.png and conflict.png")
     args = p.parse_args()
     if args.pool:
         return print(pooled(args.pool, args.versus))
-    if args.alternatives:
-        return alternatives(args.alternatives, args.out or "runs/alternatives")
     if args.ppo_variant != "textbook" and args.algo != "ppo":
         p.error("--ppo-variant applies to --algo ppo")
     root = args.out or (f"runs/study_{args.algo}" + ("_release" if args.ppo_variant == "release" else "")
@@ -460,8 +304,7 @@ def plot(root, main_runs, table, c):
     fig.tight_layout()
     fig.savefig(os.path.join(root, "curves.png"), dpi=120)
 
-    import config  # the defaults the main runs used: the point every sweep passes through
-    defaults = config.get_args([])
+    defaults = get_args([])  # the defaults the main runs used: the point every sweep passes through
     sweeps = [("N", "N=", defaults.n_splits), ("F_max (HPA stages)", "F_max=", defaults.f_max),
               ("F_max_ifa (IFA stages)", "F_max_ifa=", defaults.f_max_ifa)]
     main_key, two_stage = f"c={c} hbat", table.get(f"c={c} two-stage", [])

@@ -107,12 +107,13 @@ def test_a_stage_of_one_objective_takes_each_batch_as_a_step():
     assert hbat.n_steps("ifa", objectives(ifa=[4, 3])) == 2
 
 
-def test_alright_takes_ifa_and_dpo_batches_in_turn():
-    """2 IFA and 4 DPO batches: the steps follow interleave(2, 4) = [0, 1, 1, 0, 1, 1], each batch once and in its own
-    order, each step at its own objective's lr."""
-    got = list(hbat.steps("alternate", objectives(ifa=[2, 2], hpa=[2, 2, 2, 2], n_micro=1)))
+def test_alright_takes_ifa_and_dpo_batches_in_the_drawn_order():
+    """2 IFA and 4 DPO batches: the steps follow interleave(2, 4, λ, seed), each batch once and in its own order, each
+    step at its own objective's lr."""
+    got = list(hbat.steps("alternate", objectives(ifa=[2, 2], hpa=[2, 2, 2, 2], n_micro=1), 0.5, 3))
+    order, names = hbat.interleave(2, 4, 0.5, 3), {0: iter(["i0.0", "i1.0"]), 1: iter([f"h{i}.0" for i in range(4)])}
     assert [(objective, parts[0][0][1][0]) for objective, parts, _, _ in got] == [
-        ("ifa", "i0.0"), ("hpa", "h0.0"), ("hpa", "h1.0"), ("ifa", "i1.0"), ("hpa", "h2.0"), ("hpa", "h3.0")]
+        ("hpa" if k else "ifa", next(names[k])) for k in order]
     assert sum(n for *_, n in got) == 12 and hbat.n_steps("alternate", objectives(ifa=[2, 2], hpa=[2] * 4)) == 6
 
 
@@ -134,21 +135,35 @@ def test_multi_task_sums_micro_batch_i_of_an_ifa_and_an_hpa_batch():
 
 
 
-@pytest.mark.parametrize("n_a,n_b,expected", [(3, 3, [0, 1, 0, 1, 0, 1]), (2, 4, [0, 1, 1, 0, 1, 1]),
-                                              (4, 2, [0, 0, 1, 0, 0, 1]), (1, 3, [0, 1, 1, 1]), (0, 2, [1, 1]),
-                                              (2, 0, [0, 0])])
-def test_interleave_by_hand(n_a, n_b, expected):
-    assert hbat.interleave(n_a, n_b) == expected
+@pytest.mark.parametrize("n_a,n_b", [(74, 74), (16, 5), (5, 16), (1, 1), (0, 2), (2, 0)])
+@pytest.mark.parametrize("lam", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_interleave_takes_every_step_once_whatever_lambda(n_a, n_b, lam):
+    """Equal data: n_a IFA and n_b DPO steps, each once, at every λ; seeded; λ = 0 is two-stage's order, λ = 1 its
+    reverse."""
+    order = hbat.interleave(n_a, n_b, lam, seed=1)
+    assert (order.count(0), order.count(1)) == (n_a, n_b) and order == hbat.interleave(n_a, n_b, lam, seed=1)
+    if lam in (0.0, 1.0):
+        assert order == sorted(order, reverse=lam == 1.0)
 
 
-@pytest.mark.parametrize("n_a,n_b", [(74, 74), (74, 75), (16, 5), (5, 16), (1, 1), (9, 1)])
-def test_interleave_takes_every_step_once_and_spreads_them_evenly(n_a, n_b):
-    """n_a IFA and n_b DPO steps, and after any prefix of k steps the IFA share is within one step of k·n_a/total."""
-    order = hbat.interleave(n_a, n_b)
-    assert (order.count(0), order.count(1)) == (n_a, n_b)
-    for k in range(len(order) + 1):
-        assert abs(order[:k].count(0) - k * n_a / (n_a + n_b)) < 1
+def test_interleave_draws_dpo_with_probability_lambda_weighted_by_the_steps_left():
+    """The first step is DPO with probability λ·b / (λ·b + (1 − λ)·a): with a = 3 IFA and b = 1 DPO steps left and
+    λ = 0.75, 0.75 / (0.75 + 0.75) = 1/2; with λ = 0.5 every one of the 4 orders is equally likely (1/4 each). Over
+    4000 seeds the frequencies lie within 4 standard errors."""
+    firsts = [hbat.interleave(3, 1, 0.75, seed)[0] for seed in range(4000)]
+    assert abs(sum(firsts) / 4000 - 0.5) < 4 * (0.25 / 4000) ** 0.5
+    orders = [tuple(hbat.interleave(3, 1, 0.5, seed)) for seed in range(4000)]
+    for k in range(4):
+        share = orders.count(tuple(int(i == k) for i in range(4))) / 4000
+        assert abs(share - 0.25) < 4 * (0.25 * 0.75 / 4000) ** 0.5
 
+
+def test_a_larger_lambda_moves_the_dpo_steps_earlier():
+    """The mean position of the DPO steps among 40 + 40 falls as λ grows (the equal-data form of ALRIGHT's λ)."""
+    def mean_dpo_position(lam):
+        return sum(i for seed in range(50) for i, k in enumerate(hbat.interleave(40, 40, lam, seed)) if k) / 2000
+    positions = [mean_dpo_position(lam) for lam in (0.25, 0.5, 0.75)]
+    assert positions[0] > positions[1] > positions[2] and abs(positions[1] - 39.5) < 2
 
 
 # -----------------------------------------------------------------------------

@@ -1,13 +1,12 @@
 """lab/study.py: its ablations are the settings they claim to be, and its table reports what the runs measured."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ENV, ROOT, read_json
+from conftest import ENV, ROOT
 from infra import flags
 from lab import study
 
@@ -84,34 +83,4 @@ def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path, c
     assert "| c=0.5 hbat ewc=none | 1 |" in proc.stdout
     assert not os.path.exists(tmp_path / "study" / "main_c0.5_s1")
 
-
-def test_frontier_gap_by_hand():
-    """The averaging line through (0, 1), (1, 0.6), (2, 0.8): a point at HPA 0.5 with IFA 0.9 lies 0.9 − 0.8 = +0.1
-    above it; at HPA 1.5 the segment (1, 0.6)–(2, 0.8) gives 0.7, so IFA 0.6 is −0.1; past the line's end: None. Where
-    two segments span a point, the higher one counts."""
-    curve = [(0.0, 1.0), (1.0, 0.6), (2.0, 0.8)]
-    assert study.frontier_gap(curve, (0.5, 0.9)) == pytest.approx(0.1)
-    assert study.frontier_gap(curve, (1.5, 0.6)) == pytest.approx(-0.1)
-    assert study.frontier_gap(curve, (2.5, 0.6)) is None
-    assert study.frontier_gap([(0.0, 0.0), (2.0, 1.0), (1.0, 2.0)], (1.5, 1.0)) == pytest.approx(1.0 - 1.5)
-
-
-def test_the_study_report_of_the_alternatives(alternatives_run, tmp_path):
-    """study.py --alternatives over two bases (here the same run twice): every schedule has a row; averaging at
-    α = 1 is two-stage (a 0.5 win rate); the best α's head to head with itself is a tie; the plots are written when
-    matplotlib is there."""
-    roots = []
-    for b in ("a", "b"):
-        shutil.copytree(alternatives_run, tmp_path / b / "main_c0.5_s0")
-        roots.append(str(tmp_path / b))
-    study.alternatives(roots, str(tmp_path / "report"))
-    text = (tmp_path / "report" / "ALTERNATIVES.md").read_text()
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    results = read_json(alternatives_run / "results.json")
-    for name in results["schedules"]:
-        assert name in rows, name
-    assert rows["averaged@1"][4] == "0.500 0.500"
-    best = text.split("chosen on the validation prompts: ")[1].split(",")[0]  # train.py's runs have them
-    assert rows[f"averaged@{best}"][6] == "0.500 0.500"
-    assert "grad_cosine" in text and "| hbat | IFA_1 " in text
 

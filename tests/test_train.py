@@ -293,7 +293,8 @@ def test_every_schedule_trains_on_the_same_examples_and_steps(alternatives_run):
     assert alt["examples"] == sum(s["examples"] for s in two) and alt["steps"] == sum(s["steps"] for s in two)
     rows = [r for r in read_rows(alternatives_run / "metrics.jsonl") if r["schedule"] == "alright" and "lr" in r]
     assert len(rows) == alt["steps"] and [("ifa/loss" in r) for r in rows] == \
-        [k == 0 for k in hbat.interleave(two[0]["steps"], two[1]["steps"])]
+        [k == 0 for k in hbat.interleave(two[0]["steps"], two[1]["steps"], config["alright_lambda"],
+                                         hbat.stage_seed(config["seed"], "ALT", "alternate", "order"))]
     warm = max(1, int(config["warmup"] * alt["steps"]))
     for r in rows[warm:]:  # past the warm-up: peak x (steps left) / (steps after warm-up), the peak of its kind
         peak = config["lr_ifa"] if "ifa/loss" in r else config["lr_hpa"]

@@ -1,0 +1,235 @@
+"""
+The numbers of README.md and docs/results.md, from the committed result files of lab.protocol.
+
+    python -m lab.report            # rewrite every generated block of README.md and docs/results.md
+    python -m lab.report --check    # exit 1 if a generated block differs from what the result files give
+
+A generated block sits between `<!-- lab.report NAME -->` and `<!-- /lab.report -->` in a document; `BLOCKS` says
+what fills each NAME, from which results/protocol/*.json. Nothing here runs a model: the tables are arithmetic on the
+committed files, so anyone can check them, and tests/test_report.py does on every run of the tests.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # two-sided 95% t, df = 1..10
+SHORT = {"two-stage": "two-stage", "hbat": "Hbat", "multi-task": "multi-task", "rpo": "RPO", "alright": "ALRIGHT",
+         "averaged": "averaged"}
+
+
+def load(name):
+    with open(os.path.join(ROOT, "results", "protocol", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def pooled(per_base, signed=False):
+    """'mean (lo–hi)': the mean of per-base values and its 95% t-interval over bases (the base is the unit)."""
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    m = statistics.mean(per_base)
+    if len(per_base) < 2:
+        return fmt.format(m)
+    half = T95[min(len(per_base), 11) - 2] * statistics.stdev(per_base) / len(per_base) ** 0.5
+    return f"{fmt.format(m)} ({fmt.format(m - half)} to {fmt.format(m + half)})"
+
+
+def base_mean(base, f):
+    """The mean over a base's seeds of f(run)."""
+    return statistics.mean(f(run) for run in base["runs"])
+
+
+def schedules(d):
+    return list(d["knobs"])
+
+
+def header(d):
+    seeds = sorted({len(b["seeds"]) for b in d["bases"]})
+    worlds = ", ".join(str(b["world_seed"]) for b in d["bases"])
+    text = (f"{d['algo'].upper()}{' (' + d['ppo_variant'] + ')' if d['ppo_variant'] else ''}, "
+            f"{len(d['bases'])} bases (worlds {worlds}), {'-'.join(map(str, seeds))} seeds each")
+    if d["ideal_chosen"] is not None:
+        text += f", --ideal-chosen {d['ideal_chosen']:g}"
+    if d["bases_left_out"]:
+        text += f"; left out, no run finished: worlds {', '.join(map(str, d['bases_left_out']))}"
+    return text
+
+
+def settings_table(d):
+    """Each schedule's knob, its settings, and the setting chosen on each base's validation prompts."""
+    lines = [f"Protocol: {header(d)}.", "",
+             "| schedule | knob | settings | chosen per base | validation win rate of each setting, pooled |",
+             "|---|---|---|---|---|"]
+    for n, k in d["knobs"].items():
+        chosen = " ".join(f"{b['chosen'][n]:g}" for b in d["bases"])
+        wins = ", ".join(f"{v:g}: {statistics.mean(statistics.mean(b['val_win'][n][f'{v:g}']) for b in d['bases']):.3f}"
+                         for v in k["settings"])
+        lines.append(f"| {SHORT[n]} | {k['name']} (`{k['flag']}`) | {', '.join(f'{v:g}' for v in k['settings'])} "
+                     f"| {chosen} | {wins} |")
+    lines += ["", "The validation win rate is against two-stage at its default setting for two-stage itself, and "
+              "against the tuned two-stage for every other schedule."]
+    return "\n".join(lines)
+
+
+def test_table(d):
+    """The tuned schedules on the test prompts: scores, the win rate against the tuned two-stage, and the examples
+    each trained on."""
+    rows = [("SFT (two-stage's first stage)", lambda r: r["sft_metrics"], None)]
+    lines = ["| schedule | IFA score | HPA score | styled | win rate vs two-stage, per base | pooled over bases "
+             "(95% CI) | examples trained on |", "|---|---|---|---|---|---|---|"]
+    for label, get, _ in rows:
+        m = {k: statistics.mean(base_mean(b, lambda r: get(r)[k]) for b in d["bases"])
+             for k in ("ifa_score", "hpa_score", "styled")}
+        lines.append(f"| {label} | {m['ifa_score']:.3f} | {m['hpa_score']:.3f} | {m['styled']:.3f} | | | |")
+    for n in schedules(d):
+        m = {k: statistics.mean(base_mean(b, lambda r: r["metrics"][n][k]) for b in d["bases"])
+             for k in ("ifa_score", "hpa_score", "styled")}
+        examples = {sum(st["examples"] for st in r["stages"][n]) for b in d["bases"] for r in b["runs"]}
+        if n == "two-stage":
+            win = "| |"
+        else:
+            per = [base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]
+            win = " ".join(f"{w:.3f}" for w in per) + f" | {pooled(per)} |"
+        lines.append(f"| {SHORT[n]} | {m['ifa_score']:.3f} | {m['hpa_score']:.3f} | {m['styled']:.3f} | {win} "
+                     f"{', '.join(map(str, sorted(examples))) if n != 'averaged' else '(two-stage and SFT)'} |")
+    return "\n".join(lines)
+
+
+def matrix(d):
+    """The test win rate of every tuned schedule (row) against every other (column), pooled over bases."""
+    names = schedules(d)
+    lines = ["| row vs column | " + " | ".join(SHORT[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append("")
+                continue
+            per = [base_mean(base, lambda r: r["h2h"][a][b]) for base in d["bases"]]
+            cells.append(pooled(per).replace(" (", "<br>(").replace(" to ", "–"))
+        lines.append(f"| {SHORT[a]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gaps(d):
+    """Measures that cannot fold: each schedule's paired IFA and HPA gaps against the tuned two-stage (per base,
+    then pooled), and on how many bases an averaged model beats it on both axes."""
+    lines = ["| schedule | IFA − two-stage, pooled (95% CI) | HPA − two-stage, pooled (95% CI) | bases where an "
+             "averaged model beats it on both IFA and HPA |", "|---|---|---|---|"]
+    for n in schedules(d):
+        cells = []
+        for k in ("ifa_score", "hpa_score"):
+            per = [base_mean(b, lambda r: r["metrics"][n][k] - r["metrics"]["two-stage"][k]) for b in d["bases"]]
+            cells.append("" if n == "two-stage" else pooled(per, signed=True))
+        beaten = 0
+        for b in d["bases"]:
+            own = [base_mean(b, lambda r: r["metrics"][n][k]) for k in ("ifa_score", "hpa_score")]
+            for alpha in b["runs"][0]["averaged"]:
+                avg = [base_mean(b, lambda r: r["averaged"][alpha][k]) for k in ("ifa_score", "hpa_score")]
+                if avg[0] > own[0] and avg[1] > own[1]:
+                    beaten += 1
+                    break
+        lines.append(f"| {SHORT[n]} | {cells[0]} | {cells[1]} | {beaten} of {len(d['bases'])} |")
+    alphas = ", ".join(d["bases"][0]["runs"][0]["averaged"])
+    lines += ["", f"The averaged models are (1 − α)·SFT + α·tuned two-stage at α = {alphas}, each base's mean over its "
+              "seeds against the schedule's."]
+    return "\n".join(lines)
+
+
+def cosines(d):
+    """The IFA–DPO gradient cosine at the start and at the end of every stage of every tuned schedule."""
+    lines = ["| schedule | stage: cosine at its start → at its end (mean over every run) |", "|---|---|"]
+    for n in schedules(d):
+        every = [r["stages"][n] for b in d["bases"] for r in b["runs"]]
+        if n == "averaged" or not every[0] or "grad_cosine" not in every[0][0]:
+            continue
+        cells = [f"{sts[0]['name']} {statistics.mean(s['grad_cosine'] for s in sts):+.3f} → "
+                 f"{statistics.mean(s['grad_cosine_end'] for s in sts):+.3f}" for sts in zip(*every)]
+        lines.append(f"| {SHORT[n]} | " + ", ".join(cells) + " |")
+    n_runs = sum(len(b["runs"]) for b in d["bases"])
+    lines += ["", f"{n_runs} runs; the cosine is measured on the first 32 demonstrations and pairs (`--grad-probe`)."]
+    return "\n".join(lines)
+
+
+def sweep(main, lighter):
+    """Each schedule's test win rate against the tuned two-stage as the share of ideal chosen answers falls, on the
+    bases and seeds of the lighter worlds (the main study restricted to them)."""
+    worlds = [b["world_seed"] for b in lighter[0]["bases"]]
+    seeds = lighter[0]["bases"][0]["seeds"]
+    restricted = dict(main, bases=[dict(b, runs=[r for r in b["runs"] if r["seed"] in seeds])
+                                   for b in main["bases"] if b["world_seed"] in worlds])
+    studies = [restricted] + lighter
+    names = [n for n in schedules(main) if n != "two-stage"]
+    lines = ["| chosen answers that are ideal | " + " | ".join(SHORT[n] for n in names) + " | chosen settings "
+             "(two-stage first) |", "|---|" + "---|" * (len(names) + 1)]
+    for d in studies:
+        share = 0.7 if d["ideal_chosen"] is None else d["ideal_chosen"]
+        cells = [pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]) for n in names]
+        chosen = "; ".join(" ".join(f"{b['chosen'][n]:g}" for n in schedules(d)) for b in d["bases"])
+        lines.append(f"| {share:g} | " + " | ".join(cells) + f" | {chosen} |")
+    lines += ["", f"Win rates against the tuned two-stage on the test prompts, pooled over worlds "
+              f"{', '.join(map(str, worlds))} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}), "
+              "every schedule tuned again at each share."]
+    return "\n".join(lines)
+
+
+def blocks():
+    """NAME -> its text, for every generated block."""
+    out = {}
+    names = {os.path.splitext(f)[0] for f in os.listdir(os.path.join(ROOT, "results", "protocol"))
+             if f.endswith(".json")} if os.path.isdir(os.path.join(ROOT, "results", "protocol")) else set()
+    for name in sorted(names):
+        d = load(name)
+        if d["ideal_chosen"] is not None:
+            continue
+        out[f"{name}-settings"] = settings_table(d)
+        out[f"{name}-test"] = test_table(d)
+        out[f"{name}-matrix"] = matrix(d)
+        out[f"{name}-gaps"] = gaps(d)
+        if d["algo"] == "dpo":
+            out[f"{name}-cosines"] = cosines(d)
+    lighter = sorted((load(n) for n in names if "_ideal" in n and n.startswith("dpo_")),
+                     key=lambda d: -d["ideal_chosen"])
+    if lighter and "dpo" in names:
+        out["dpo-sweep"] = sweep(load("dpo"), lighter)
+    return out
+
+
+BLOCK = re.compile(r"(<!-- lab\.report (\S+) -->\n)(.*?)(<!-- /lab\.report -->)", re.S)
+DOCUMENTS = ("README.md", os.path.join("docs", "results.md"))
+
+
+def fill(text, generated):
+    """The document with every block's text replaced; a block whose NAME nothing generates is an error."""
+    def sub(m):
+        if m.group(2) not in generated:
+            raise SystemExit(f"lab.report: no result file gives block {m.group(2)!r}")
+        return m.group(1) + generated[m.group(2)] + "\n" + m.group(4)
+    return BLOCK.sub(sub, text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing: exit 1 if a block is not what the files give")
+    args = p.parse_args(argv)
+    generated, stale = blocks(), []
+    for doc in DOCUMENTS:
+        path = os.path.join(ROOT, doc)
+        with open(path) as f:
+            text = f.read()
+        new = fill(text, generated)
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(new)
+    if args.check and stale:
+        print(f"lab.report: out of date with results/protocol: {', '.join(stale)} (run python -m lab.report)")
+        sys.exit(1)
+    print(("rewrote " + ", ".join(stale)) if stale and not args.check else "every generated block is up to date")
+
+
+if __name__ == "__main__":
+    main()
