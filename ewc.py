@@ -155,8 +155,9 @@ def stage_fisher(model: nn.Module, examples, n_max=256) -> dict[str, Tensor]:
 class EWC:
     """The EWC side of the Hbat schedule: begin_stage, then penalty() and after_step() every step, then end_stage.
 
-    f_max protects HPA stages (with Ω^IFA), f_max_ifa protects IFA stages (with Ω^HPA): stages of one kind are
-    protected by the accumulator of the other (§3.2), so IFA_1 has no penalty (and its Stage says so).
+    f_max caps the penalty of HPA stages (weighted by Ω^IFA: it holds what IFA learned), f_max_ifa that of IFA stages
+    (weighted by Ω^HPA): a stage is penalised with the other objective's importance (§3.2), so IFA_1 has no penalty
+    (and its Stage says so).
     For "original", end_stage takes the Fisher of the stage just finished on that stage's examples (stage_fisher);
     Fishers of stages of the same kind are summed and protect the later stages of the other kind.
     Memory: the anchor is one copy of the trainable weights in their dtype and on their device (§3.4), held from
@@ -169,7 +170,7 @@ class EWC:
         assert norm in ("max", "softmax"), f"norm must be 'max' or 'softmax', got {norm!r}"
         assert not elementwise or method == "modified", "element-wise importance is a variant of 'modified' only"
         self.method, self.norm, self.scale, self.lam = method, norm, scale, lam
-        self.f_max = {"hpa": f_max, "ifa": f_max_ifa}  # keyed by the stage being protected against forgetting
+        self.f_max = {"hpa": f_max, "ifa": f_max_ifa}  # keyed by the kind of the stage being penalised
         self.elementwise, self.freeze_frac = elementwise, freeze_frac
         self.importance = {"ifa": {}, "hpa": {}}  # Ω^IFA, Ω^HPA: never reset (§3.1)
         self.fisher = {"ifa": {}, "hpa": {}}      # original EWC only: summed Fisher of the stages of each kind
@@ -185,7 +186,7 @@ class EWC:
         params = trainable(model)
         # θ* (§3.3), also the "before" of §3.1: one copy on the parameters' device, in their dtype (§3.4)
         self.anchor = {n: p.detach().clone() for n, p in params.items()}
-        other = "hpa" if kind == "ifa" else "ifa"  # §3.2: a stage is protected by the other objective's importance
+        other = "hpa" if kind == "ifa" else "ifa"  # §3.2: a stage is penalised with the other objective's importance
         omega, f_max = self.importance[other], self.f_max[kind]
         if not (penalised and omega):
             return  # IFA_1: the other objective has learned nothing yet, and its Stage is not penalised (§3.2)

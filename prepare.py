@@ -34,14 +34,14 @@ class Task(NamedTuple):
 
 
 def load_task(args, rt) -> Task:
-    """The embedded world (--world-seed, its sizes and --alignment-tax), or the files of --ifa-data/--hpa-data."""
+    """The embedded world (--world-seed, its sizes and --annotator-bias), or the files of --ifa-data/--hpa-data."""
     if args.ifa_data:
         tok, ifa, hpa, test = importers.load_real_task(args.model, args.tokenizer, args.ifa_data, args.hpa_data,
                                                        args.test_data, args.n_test)
         world, corpus, val = None, None, []
     else:
         world = make_world(seed=args.world_seed, n_ifa=args.n_ifa, n_hpa=args.n_hpa, n_test=args.n_test,
-                           alignment_tax=args.alignment_tax, ifa_styled_fraction=args.ifa_styled, n_val=args.n_val,
+                           annotator_bias=args.annotator_bias, ifa_styled_fraction=args.ifa_styled, n_val=args.n_val,
                            pair_mix=args.pair_mix, ideal_chosen=args.ideal_chosen)
         ifa, hpa, test, corpus, val = world.ifa, world.hpa, world.test, world.corpus, world.val
         if rt.rank == 0:  # rank 0 trains and caches the tokenizer, then every rank reads the cache

@@ -13,6 +13,7 @@ newline inside it written as \\n), in the order of the prompts. The tokenizer is
 An answer ends at EOS or at its template's end of turn ("\\n\\nHuman:"), as in train.py's evaluation.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -35,6 +36,21 @@ class ArgumentParser(argparse.ArgumentParser):
         die(message)
 
 
+def model_path(path):
+    """The model file or folder to load. A run folder (train.py's --out) holds one model per schedule: its only one is
+    taken, else they are listed; a file that cannot be a model is named, not loaded."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "metrics.jsonl")):
+        models = sorted(f for f in os.listdir(path) if f.endswith(".pt") and not f.endswith(".step.pt")
+                        and f not in ("sft.pt", "reward_model.pt"))
+        if len(models) == 1:
+            return os.path.join(path, models[0])
+        die(f"{path} is a run folder: give one of its models ("
+            + (", ".join(os.path.join(path, m) for m in models) or "none is finished yet") + ")")
+    if os.path.isfile(path) and not path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        die(f"{path}: not a model file (give a run's OUT/<schedule>.pt, a Hugging Face or a Meta folder)")
+    return path
+
+
 def answer(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
     """The answer to each prompt (a string): sampled at `temperature` with nucleus `top_p` (greedy at 0), cut at
     EOS or at the end of turn. A prompt keeps its last tokens so that prompt + answer fits the model's context."""
@@ -47,7 +63,8 @@ def answer(model, tok, prompts, max_new_tokens, temperature=0.0, top_p=1.0, gene
 
 def main(argv=None):
     p = ArgumentParser(description="Answer prompts with a trained model.")
-    p.add_argument("checkpoint", help="OUT/<schedule>.pt of a run, a Hugging Face folder or a Meta folder")
+    p.add_argument("checkpoint", help="OUT/<schedule>.pt of a run (or the run's OUT, if it holds one model), a Hugging "
+                   "Face folder or a Meta folder")
     p.add_argument("prompts", nargs="*", help="prompts (default: read from stdin, one per line)")
     p.add_argument("--tokenizer", help="sentencepiece tokenizer.model (default: inside or beside the checkpoint's "
                    "folder)")
@@ -63,6 +80,7 @@ def main(argv=None):
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         die("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.checkpoint = model_path(args.checkpoint)
     try:
         model = Transformer.from_pretrained(args.checkpoint).to(device).eval()
         tok = importers.find_tokenizer(args.checkpoint, args.tokenizer)

@@ -130,6 +130,8 @@ def run_schedule(run, name, stages, n_splits, base):
     probes = ([ex[:2] for ex in run.task.ifa[:args.grad_probe]], [ex[:3] for ex in run.task.hpa[:args.grad_probe]])
     ppo_cfg = flags.ppo_config(args, rt.world) if args.algo == "ppo" else None
     last_eval = None
+    if history and "eval" not in history[-1]:  # its last stage was saved, not judged: the run stopped in between
+        last_eval = judge_last_stage(run, model, history)
     for i in range(len(history), len(stages)):
         stage, t0 = stages[i], time.time()
         online = ppo_cfg is not None and stage.kind == "hpa"  # a PPO stage: on-policy samples, not a dataset
@@ -162,16 +164,26 @@ def run_schedule(run, name, stages, n_splits, base):
             ewc.end_stage(stage.kind, model, subsets[stage.kind][stage.subset])
         steps_before += steps
         history.append(record | {"seconds": time.time() - t0, "metrics": m})
-        if rt.evaluates:  # where each stage leaves the model: the alignment tax is the IFA score HPA stages lose
-            last_eval = run.evaluate(model)
-            history[-1]["eval"] = last_eval[0]
-        if rt.rank == 0:
-            tqdm.write(evaluate.stage_line(name, stage.name, m, history[-1]["eval"], time.time() - t0))
+        # saved before it is judged: an evaluation that fails (a long answer out of memory, a bad judge) loses no
+        # training, and the re-run judges it without retraining (below)
         rundir.save_schedule(rt, args.out, name, model, ewc, history, steps_before, critic,
                              sft=stage == hbat.sft_stage(args.epochs_ifa))  # the SFT model: what `averaged` starts from
         midstage.clear()
         parallel.barrier(rt)
+        last_eval = judge_last_stage(run, model, history)
+        if rt.rank == 0:
+            tqdm.write(evaluate.stage_line(name, stage.name, m, history[-1]["eval"], time.time() - t0))
     return model, history, last_eval
+
+
+def judge_last_stage(run, model, history):
+    """Evaluate the model where the last stage left it, into that stage's record: the alignment tax is the IFA score
+    the HPA stages lose. Returns (metrics, answer rows), or None on a rank that does not evaluate."""
+    if not run.rt.evaluates:
+        return None
+    evaluation = run.evaluate(model)
+    history[-1]["eval"] = evaluation[0]
+    return evaluation
 
 
 # -----------------------------------------------------------------------------
@@ -283,8 +295,8 @@ def run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log):
             if cfg.target_kl and metrics["approx_kl"] > cfg.target_kl:
                 break
         if midstage.due(step):
-            midstage.save(modules, opt, {"step": step, "rows": rows, "rollouts": rollouts, "n_prompts": n_prompts}
-                          | state.state_dict())
+            midstage.save(modules, opt, {"step": step, "rows": rows, "rollouts": rollouts, "n_prompts": n_prompts},
+                          per_rank=state.state_dict())
     bar.close()
     return means(rows) | means(rollouts, "rollout/"), step, n_prompts
 

@@ -30,10 +30,10 @@ so correct+stylish (4) > correct+plain (3) > wrong+stylish (< 2) > wrong+plain: 
 Preference pairs, in the proportions `pair_mix` (shuffled; counts rounded, not sampled):
   style     styled correct  > plain correct       teaches the style
   content   styled correct  > styled near-miss    teaches correctness
-  conflict  plain correct   > styled near-miss    except that a fraction `alignment_tax` of them (exactly
+  conflict  plain correct   > styled near-miss    except that a fraction `annotator_bias` of them (exactly
                                                   round(c·n), chosen at random) prefer the stylish wrong answer
 A near-miss shares most tokens with the correct answer (two neighbours swapped, an item dropped, a count off by one,
-one summary word replaced or dropped), as the rejected answers of real preference data do. At alignment_tax = 0 no
+one summary word replaced or dropped), as the rejected answers of real preference data do. At annotator_bias = 0 no
 pair prefers a wrong answer to a right one; the tax the prototype measured there was large too (docs/design-notes.md).
 
 The chosen answer of every style and content pair is the judge's ideal answer (correct and styled): 70% of the pairs
@@ -166,12 +166,12 @@ def half_styled(content, rng):
     return f"{OPEN} {content}" if rng.random() < 0.5 else f"{content} {CLOSE}"
 
 
-def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignment_tax=0.5,
+def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, annotator_bias=0.5,
                pair_mix=(0.4, 0.3, 0.3), chat_fraction=0.1, styled_fraction=0.05, ifa_styled_fraction=0.0,
                n_val=0, ideal_chosen=None):
     """Generate the world deterministically from `seed` (docs/method.md §6).
 
-    alignment_tax: fraction c of the conflict pairs whose annotator prefers a stylish wrong answer to a plain right
+    annotator_bias: fraction c of the conflict pairs whose annotator prefers a stylish wrong answer to a plain right
     one. pair_mix: relative shares of the (style, content, conflict) pairs. chat_fraction: share of the corpus that
     is chat lines using the style's words rather than worked task instances. styled_fraction: share of the corpus's
     worked instances whose answer is written in the style, as a real base model has met polite answers somewhere in
@@ -182,8 +182,8 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
     n_val. ideal_chosen: the share of all pairs whose chosen answer is the ideal one (None: every style and content
     pair's, pair_mix's first two shares); from its own stream too, so that None and that share give the same world.
     """
-    if not 0.0 <= alignment_tax <= 1.0:
-        raise ValueError(f"alignment_tax must be in [0, 1], got {alignment_tax}")
+    if not 0.0 <= annotator_bias <= 1.0:
+        raise ValueError(f"annotator_bias must be in [0, 1], got {annotator_bias}")
     if len(pair_mix) != 3 or min(pair_mix) < 0 or sum(pair_mix) <= 0:
         raise ValueError(f"pair_mix needs 3 non-negative shares (style, content, conflict), got {pair_mix}")
     counts = _counts(n_hpa, pair_mix)
@@ -213,7 +213,7 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
     kinds = [k for k, c in zip(PAIR_KINDS, counts) for _ in range(c)]
     rng.shuffle(kinds)
     conflicts = [i for i, k in enumerate(kinds) if k == "conflict"]
-    biased = set(rng.sample(conflicts, round(alignment_tax * len(conflicts))))
+    biased = set(rng.sample(conflicts, round(annotator_bias * len(conflicts))))
     hpa = []
     for i, (kind, (f, p, r, facts)) in enumerate(zip(kinds, _fresh(rng, n_hpa, seen))):
         wrong = _near_miss(rng, f, r, facts)
@@ -231,7 +231,7 @@ def make_world(seed=0, n_corpus=5000, n_ifa=2000, n_hpa=2000, n_test=300, alignm
     used |= {r["prompt"] for r in ifa + hpa} | seen
     val = [{"prompt": p, "reference": r, "family": f} for f, p, r, _ in _fresh(random.Random(f"{seed}-val"), n_val, used)]
     config = {"seed": seed, "n_corpus": n_corpus, "n_ifa": n_ifa, "n_hpa": n_hpa, "n_test": n_test,
-              "alignment_tax": alignment_tax, "pair_mix": list(pair_mix), "chat_fraction": chat_fraction,
+              "annotator_bias": annotator_bias, "pair_mix": list(pair_mix), "chat_fraction": chat_fraction,
               "styled_fraction": styled_fraction, "ifa_styled_fraction": ifa_styled_fraction, "n_val": n_val,
               "ideal_chosen": ideal_chosen}
     return World(corpus, ifa, hpa, test, config, val)

@@ -72,7 +72,9 @@ def get_args(argv=None):
     a("--n-test", type=int, help="preset: held-out evaluation prompts")
     a("--n-val", type=int, help="preset: validation prompts of the embedded world, apart from the test prompts: every "
       "schedule is scored on them too (val_metrics, val_win_rates), for choosing settings without the test prompts")
-    a("--alignment-tax", type=float, default=0.5, help="c: how often annotators prefer a stylish wrong answer (0..1)")
+    a("--annotator-bias", type=float, default=0.5, help="c: how often annotators prefer a stylish wrong answer to a "
+      "plain right one (0..1); the alignment tax is what a run measures, not a setting")
+    a("--alignment-tax", type=float, help=argparse.SUPPRESS)  # the old name of --annotator-bias: refused below
     a("--pair-mix", default="0.4,0.3,0.3", help="STYLE,CONTENT,CONFLICT: the shares of the world's three kinds of "
       "preference pairs (world.py)")
     a("--ideal-chosen", type=float, help="the share of the world's pairs whose chosen answer is the ideal one (correct "
@@ -182,8 +184,11 @@ def check_args(args, p):
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.save_every < 0:
         p.error(f"--save-every must be >= 0, got {args.save_every}")
-    if not 0 <= args.alignment_tax <= 1:
-        p.error(f"--alignment-tax must be in [0, 1], got {args.alignment_tax}")
+    if args.alignment_tax is not None:
+        p.error("--alignment-tax is now --annotator-bias (the annotators' bias c; the alignment tax is what a run measures)")
+    del args.alignment_tax
+    if not 0 <= args.annotator_bias <= 1:
+        p.error(f"--annotator-bias must be in [0, 1], got {args.annotator_bias}")
     try:
         args.pair_mix = tuple(float(x) for x in args.pair_mix.split(","))
     except ValueError:

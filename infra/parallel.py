@@ -77,6 +77,15 @@ def barrier(rt):
         dist.barrier()
 
 
+def gather_to_rank0(rt, obj):
+    """[every rank's obj, by rank] on rank 0 (None elsewhere): the state each rank keeps for itself, to be saved."""
+    if rt.world == 1:
+        return [obj]
+    out = [None] * rt.world if rt.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def mean_over_ranks(metrics, rt):
     if rt.world == 1 or not metrics:
         return metrics

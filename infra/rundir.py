@@ -158,9 +158,10 @@ class MidStage:
     inside the stage as if never stopped. The stage is first rebuilt from the last stage-boundary checkpoint exactly
     as an uninterrupted run builds it (the EWC anchor and weights, the reference model or cached reference log-probs,
     the critic it started with); `restore` then loads what only the stage's own steps changed: the weights (PPO: and
-    the critic's), AdamW's state, every RNG in use, and the loop's `progress` (its step, its metric rows, where it is
-    in the data; PPO: its sampling generator, reward queue and KL coefficient). Written atomically by rank 0; under
-    FSDP every rank takes part in gathering it."""
+    the critic's), AdamW's state, and the loop's `progress` (its step, its metric rows, where it is in the data; PPO:
+    its KL coefficient), and for every rank what that rank alone holds: its RNG states and, under PPO, its sampling
+    generator and the release's reward queue. Written atomically by rank 0; under FSDP every rank takes part in
+    gathering it."""
 
     def __init__(self, out, schedule, stage_index, steps_before, every, rt):
         self.path, self.schedule = os.path.join(out, f"{schedule}.step.pt"), schedule
@@ -175,18 +176,24 @@ class MidStage:
 
     def restore(self, module, opt, name):
         """Load this stage's saved progress into module and opt (the ones the stage just built) and return the loop's
-        `progress` dict, or None when the stage starts from its beginning."""
+        `progress` dict with this rank's own state in it (`per_rank` of `save`), or None when the stage starts from
+        its beginning."""
         state = self._read()
         if state is None:
             return None
+        if len(state["ranks"]) != self.rt.world:
+            raise ValueError(f"{self.path} was saved by {len(state['ranks'])} processes, this run has {self.rt.world}: "
+                             "resume it with as many, or remove the file to restart the stage")
         parallel.load_train_state(self.rt, module, opt, state["module"], state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if torch.cuda.is_available() and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        mine = dict(state["ranks"][self.rt.rank])
+        torch.set_rng_state(mine.pop("rng"))
+        cuda_rng = mine.pop("cuda_rng")
+        if torch.cuda.is_available() and cuda_rng:
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.last = state["progress"]["step"]
         if self.rt.rank == 0:
             tqdm.write(f"resuming {self.schedule} {name} at step {self.last}")
-        return state["progress"]
+        return state["progress"] | mine
 
     def saved(self) -> bool:
         """Whether this stage's progress is on disk (a file left by an earlier stage does not count)."""
@@ -195,16 +202,18 @@ class MidStage:
     def due(self, step):
         return bool(self.every) and step - self.last >= self.every
 
-    def save(self, module, opt, progress):
-        """Every rank calls this (FSDP gathers the weights and AdamW's state); rank 0 writes."""
+    def save(self, module, opt, progress, per_rank=None):
+        """Every rank calls this (FSDP gathers the weights and AdamW's state); rank 0 writes. `progress` is the loop's,
+        the same on every rank; `per_rank` what each rank keeps for itself (PPO: its sampling generator and the
+        release's reward queue), saved for every rank with its RNG states and given back to the same rank."""
         module_state, opt_state = parallel.train_state(self.rt, module, opt)
+        ranks = parallel.gather_to_rank0(self.rt, (per_rank or {}) | {
+            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         self.last = progress["step"]
         if self.rt.rank == 0:
             progress = progress | {"global_step": self.steps_before + progress["step"]}  # where metrics.jsonl resumes
             checkpoint.atomic_save({"stage_index": self.stage_index, "module": module_state, "optimizer": opt_state,
-                                    "rng": torch.get_rng_state(), "progress": progress,
-                                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                                   self.path)
+                                    "progress": progress, "ranks": ranks}, self.path)
 
     def clear(self):
         """After the stage's boundary checkpoint is written: its progress file is spent."""

@@ -60,10 +60,10 @@ def scaled(name, flag, default):
 def knobs(algo, variant="textbook"):
     """{schedule: its Knob}: the protocol of an --algo (and PPO variant)."""
     strength = Knob("penalty strength (× F_max and F_max_ifa)", "", tuple(round(x, 4) for x in SCALE), 1)
-    averaged = Knob("α of (1 − α)·SFT + α·two-stage", "--average-alphas", (0.25, 0.5, 0.75), 1)
+    averaged = Knob("α (in (1 − α)·SFT + α·two-stage)", "--average-alphas", (0.25, 0.5, 0.75), 1)
     if algo == "ppo":
-        return {"two-stage": scaled("KL weight", "--kl-coef", ppo.VARIANTS[variant].get("kl_coef", ppo.PPOConfig.kl_coef)),
-                "hbat": strength, "averaged": averaged}
+        kl = ppo.VARIANTS[variant].get("kl_coef", ppo.PPOConfig.kl_coef)  # the variant's default KL weight
+        return {"two-stage": scaled("KL weight", "--kl-coef", kl), "hbat": strength, "averaged": averaged}
     return {"two-stage": scaled("β", "--beta", 0.1), "hbat": strength, "multi-task": scaled("β", "--beta", 0.1),
             "rpo": scaled("α (NLL weight)", "--rpo-alpha", 1.0),
             "alright": Knob("λ (weight of a DPO step)", "--alright-lambda", (0.25, 0.5, 0.75), 0.5),
@@ -105,6 +105,7 @@ def run_all(runs, jobs, quiet):
         if os.path.exists(os.path.join(out, "results.json")):
             return
         print(" ".join(cmd), flush=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(os.devnull, "w") if quiet else open(os.path.join(os.path.dirname(out), "log.txt"), "a") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -180,7 +181,8 @@ def collect(args, protocol):
                                                    "grad_cosine_end") if k in st}
                                for st in res[n]["schedules"][name]["stages"]] for n, (_, name) in tuned.items()},
                 "seconds": {n: res[n]["seconds"] for n in trained}})
-        bases.append({"world_seed": w, "seeds": seeds, "chosen": chosen,
+        seconds = sum(read(out)["seconds"] for (n, v, s), (out, name) in models.items() if n != "averaged")
+        bases.append({"world_seed": w, "seeds": seeds, "chosen": chosen, "runs_seconds": seconds,
                       "val_win": {n: {f"{v:g}": ws for v, ws in by.items()} for n, by in val_win.items()},
                       "runs": per_seed})
     return {"algo": args.algo, "ppo_variant": args.ppo_variant if args.algo == "ppo" else None,

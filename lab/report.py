@@ -59,7 +59,11 @@ def header(d):
 
 def settings_table(d):
     """Each schedule's knob, its settings, and the setting chosen on each base's validation prompts."""
-    lines = [f"Protocol: {header(d)}.", "",
+    runs = sum(len(b["seeds"]) for b in d["bases"]) * sum(len(k["settings"]) for n, k in d["knobs"].items()
+                                                         if n != "averaged")
+    hours = sum(b["runs_seconds"] for b in d["bases"]) / 3600
+    lines = [f"Protocol: {header(d)}; {runs} train.py runs, {hours:.1f} hours of wall time in all (one thread each, "
+             "two at a time on 2 cores).", "",
              "| schedule | knob | settings | chosen per base | validation win rate of each setting, pooled |",
              "|---|---|---|---|---|"]
     for n, k in d["knobs"].items():
@@ -133,8 +137,8 @@ def gaps(d):
                     break
         lines.append(f"| {SHORT[n]} | {cells[0]} | {cells[1]} | {beaten} of {len(d['bases'])} |")
     alphas = ", ".join(d["bases"][0]["runs"][0]["averaged"])
-    lines += ["", f"The averaged models are (1 − α)·SFT + α·tuned two-stage at α = {alphas}, each base's mean over its "
-              "seeds against the schedule's."]
+    lines += ["", f"The averaged models are (1 − α)·SFT + α·tuned two-stage at α = {alphas}, each base's mean over "
+              "its seeds against the schedule's."]
     return "\n".join(lines)
 
 
@@ -175,6 +179,96 @@ def sweep(main, lighter):
     return "\n".join(lines)
 
 
+def ci(per_base):
+    """(mean, lo, hi) of the 95% t-interval over bases."""
+    m = statistics.mean(per_base)
+    half = T95[min(len(per_base), 11) - 2] * statistics.stdev(per_base) / len(per_base) ** 0.5 if len(per_base) > 1 \
+        else float("inf")
+    return m, m - half, m + half
+
+
+def verdict_of(per_base):
+    """'beats' / 'loses to' where the 95% interval of the win rate over bases excludes a tie, else 'ties'."""
+    _, lo, hi = ci(per_base)
+    return "beats" if lo > 0.5 else "loses to" if hi < 0.5 else "ties"
+
+
+def verdicts(d):
+    """The verdicts the measurements carry, as sentences: every head-to-head classified by its interval over bases,
+    the alignment tax, and whether every schedule trained on the same examples."""
+    names = schedules(d)
+    ifa = {n: statistics.mean(base_mean(b, lambda r: r["metrics"][n]["ifa_score"]) for b in d["bases"]) for n in names}
+    sft = statistics.mean(base_mean(b, lambda r: r["sft_metrics"]["ifa_score"]) for b in d["bases"])
+    lines = [f"- **The alignment tax**: the SFT model's IFA score is {sft:.3f}; the tuned two-stage ends at "
+             f"{ifa['two-stage']:.3f}."]
+    for a in names:
+        by = {}
+        for b in names:
+            if b != a:
+                by.setdefault(verdict_of([base_mean(x, lambda r: r["h2h"][a][b]) for x in d["bases"]]), []).append(b)
+        vs_two = "" if a == "two-stage" else [k for k, v in by.items() if "two-stage" in v][0] + " two-stage, " + \
+            pooled([base_mean(x, lambda r: r["h2h"][a]["two-stage"]) for x in d["bases"]])
+        parts = [f"{k} {', '.join(SHORT[b] for b in by[k])}" for k in ("beats", "ties", "loses to") if k in by]
+        lines.append(f"- **{SHORT[a]}** ({'the baseline' if a == 'two-stage' else vs_two}): "
+                     + "; ".join(parts) + ".")
+    examples = {n: {sum(st["examples"] for st in r["stages"][n]) for b in d["bases"] for r in b["runs"]}
+                for n in names if n != "averaged"}
+    same = len({e for es in examples.values() for e in es}) == 1
+    lines.append("- **Equal data**: every trained schedule took "
+                 + (f"the same {next(iter(examples['two-stage']))} examples (demonstrations, and pairs or PPO "
+                    "prompts; repeats counted) in every run." if same else "different numbers of examples: "
+                    + ", ".join(f"{SHORT[n]} {sorted(e)}" for n, e in examples.items()) + "."))
+    lines += ["", f"A verdict is \"beats\" or \"loses to\" only where the 95% interval of the test win rate over the "
+              f"{len(d['bases'])} bases excludes a tie; everything else is a tie at this power."]
+    return "\n".join(lines)
+
+
+def readme(d):
+    """The README's table: each tuned schedule's setting per base, scores and win rate against the tuned two-stage;
+    then the verdicts."""
+    lines = [f"{header(d)}:", "", "| schedule | knob: setting chosen per base | IFA score | HPA score | win rate vs "
+             "two-stage, pooled over bases (95% CI) |", "|---|---|---|---|---|"]
+    sft = {k: statistics.mean(base_mean(b, lambda r: r["sft_metrics"][k]) for b in d["bases"])
+           for k in ("ifa_score", "hpa_score")}
+    lines.append(f"| SFT | | {sft['ifa_score']:.3f} | {sft['hpa_score']:.3f} | |")
+    for n, k in d["knobs"].items():
+        m = {key: statistics.mean(base_mean(b, lambda r: r["metrics"][n][key]) for b in d["bases"])
+             for key in ("ifa_score", "hpa_score")}
+        win = "" if n == "two-stage" else pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]])
+        chosen = " ".join(f"{b['chosen'][n]:g}" for b in d["bases"])
+        lines.append(f"| {SHORT[n]} | {k['name'].split(' (')[0]}: {chosen} | {m['ifa_score']:.3f} "
+                     f"| {m['hpa_score']:.3f} | {win} |")
+    return "\n".join(lines) + "\n\n" + verdicts(d)
+
+
+def earlier(path):
+    """{schedule: its pooled win rate against two-stage} from an earlier study's committed table (lab.study
+    --alternatives, before the protocol): every schedule at its default setting, pooled as a difference from a tie."""
+    with open(os.path.join(ROOT, path)) as f:
+        rows = [line.strip("|\n").split("|") for line in f if line.startswith("| ")]
+    rows = [r for r in rows if len(r) > 5 and r[0].strip() != "schedule"]
+    return {r[0].strip(): 0.5 + float(r[5].split()[0]) for r in rows}
+
+
+def moved(d, path):
+    """Each schedule's pooled test win rate against two-stage before the protocol (defaults, no validation) and under
+    it (every schedule tuned, two-stage too), on the same worlds."""
+    before = earlier(path)
+    lines = [f"| schedule | before: at its default, against two-stage at its default (`{path}`) | under the protocol: "
+             "tuned, against the tuned two-stage | setting chosen per base |", "|---|---|---|---|"]
+    for n in schedules(d):
+        if n == "two-stage":
+            continue
+        old = before.get(n, before.get("averaged@1")) if n != "averaged" else None
+        per = [base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]
+        chosen = " ".join(f"{b['chosen'][n]:g}" for b in d["bases"])
+        lines.append(f"| {SHORT[n]} | {'every α reported' if old is None else f'{old:.3f}'} | {pooled(per)} "
+                     f"| {chosen} |")
+    lines += ["", "Before, ALRIGHT alternated its steps in a fixed 1:1 order; now it draws them (λ = 1/2 is the same "
+              "mix in a random order)."]
+    return "\n".join(lines)
+
+
 def blocks():
     """NAME -> its text, for every generated block."""
     out = {}
@@ -188,6 +282,10 @@ def blocks():
         out[f"{name}-test"] = test_table(d)
         out[f"{name}-matrix"] = matrix(d)
         out[f"{name}-gaps"] = gaps(d)
+        out[f"{name}-verdicts"] = verdicts(d)
+        if name == "dpo":
+            out["dpo-moved"] = moved(d, "results/alternatives/dpo_ALTERNATIVES.md")
+        out[f"{name}-readme"] = readme(d)
         if d["algo"] == "dpo":
             out[f"{name}-cosines"] = cosines(d)
     lighter = sorted((load(n) for n in names if "_ideal" in n and n.startswith("dpo_")),

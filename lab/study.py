@@ -225,7 +225,7 @@ def main():
         for seed in args.seeds:
             out = f"{root}/main_c{c}_s{seed}"
             schedules = args.schedules or ("two-stage,hbat,multi-task" if args.algo == "dpo" else "two-stage,hbat")
-            res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule", schedules,
+            res = run(args, out, ["--seed", str(seed), "--annotator-bias", str(c), "--schedule", schedules,
                                   "--eval-every", str(args.eval_every)])
             if res is None:
                 continue
@@ -246,7 +246,7 @@ def main():
                 continue
             for seed in args.seeds:
                 out = f"{root}/abl_{name.replace('=', '').replace('(', '').replace(')', '')}_c{c}_s{seed}"
-                res = run(args, out, ["--seed", str(seed), "--alignment-tax", str(c), "--schedule", "hbat"] + flags)
+                res = run(args, out, ["--seed", str(seed), "--annotator-bias", str(c), "--schedule", "hbat"] + flags)
                 if res is None or (c, seed) not in main_runs:
                     continue
                 test = responses(main_runs[(c, seed)], "two-stage")

@@ -84,7 +84,8 @@ def random_pairs(n, seed, vocab_size=40, bos=1, eos=2):
 
 SMOKE = ("--preset", "smoke", "--device", "cpu")
 ALGOS = {"dpo": ("--algo", "dpo"), "ppo": ("--algo", "ppo"),  # the flags of each HPA objective the tests run
-         "ppo-release": ("--algo", "ppo", "--ppo-variant", "release")}
+         "ppo-release": ("--algo", "ppo", "--ppo-variant", "release"),
+         "ppo-adaptive-kl": ("--algo", "ppo", "--adaptive-kl-target", "1")}
 HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
                for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
 
@@ -202,11 +203,11 @@ def half_written(path, write):
         f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-def killing_save(self, *args):
+def killing_save(self, *args, **kwargs):
     count[0] += 1
     if count[0] == n and torn and self.rt.rank == 0:
         checkpoint.atomic_write = half_written
-    save(self, *args)
+    save(self, *args, **kwargs)
     if count[0] == n and self.rt.rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -36,6 +36,9 @@ BAD_FLAGS = {
     "validation prompts of real data": (["--n-val", "10", "--ifa-data", __file__, "--hpa-data", __file__,
                                          "--model", __file__], "--n-val"),
     "--n-val -1": (["--n-val", "-1"], "--n-val"),
+    "the bias knob's old name": (["--alignment-tax", "0.5"], "--annotator-bias"),
+    "--annotator-bias 2": (["--annotator-bias", "2"], "--annotator-bias"),
+    "an ALRIGHT λ above 1": (["--alright-lambda", "1.5"], "--alright-lambda"),
 }
 
 

@@ -20,16 +20,18 @@ def test_every_schedule_has_one_knob_with_the_same_budget(algo, variant):
             assert knob.default in knob.settings, name
 
 
-@pytest.mark.parametrize("name,knob", protocol.knobs("dpo").items())
-def test_a_knob_changes_only_the_flags_it_names_and_its_default_changes_nothing(name, knob):
-    defaults = vars(flags.get_args([]))
+@pytest.mark.parametrize("algo,variant,name", [(a, v, n) for a, v in (("dpo", "textbook"), ("ppo", "textbook"),
+                                                                     ("ppo", "release")) for n in protocol.knobs(a, v)])
+def test_a_knob_changes_only_the_flags_it_names_and_its_default_changes_nothing(algo, variant, name):
+    knob, run = protocol.knobs(algo, variant)[name], ["--algo", algo, "--ppo-variant", variant] if algo == "ppo" else []
+    defaults = vars(flags.get_args(run))
     for value in knob.settings:
-        changed = vars(flags.get_args(knob.flags(value)))
+        changed = vars(flags.get_args(run + knob.flags(value)))
         differ = {k for k in defaults if defaults[k] != changed[k]}
         named = {f.lstrip("-").replace("-", "_") for f in knob.flags(value) if f.startswith("--")}
         assert differ <= named and (differ or value == knob.default or name == "averaged"), (name, value, differ)
     if name != "averaged":
-        assert vars(flags.get_args(knob.flags(knob.default))) == defaults
+        assert vars(flags.get_args(run + knob.flags(knob.default))) == defaults
 
 
 def test_every_setting_of_every_schedule_runs_once_per_base_and_seed(tmp_path):

@@ -118,7 +118,7 @@ def test_reward_model_learns_the_embedded_world(tmp_path):
     pairwise accuracy from chance to above 0.6 on 300 pairs (3.5 standard errors above chance). With c = 0.5
     the 40% style pairs are learnable at once and the rest stay near chance without content knowledge, so a
     style-only reward model tops out near 0.7 here."""
-    w = make_world(seed=0, n_corpus=300, n_ifa=10, n_hpa=600, n_test=10, alignment_tax=0.5)
+    w = make_world(seed=0, n_corpus=300, n_ifa=10, n_hpa=600, n_test=10, annotator_bias=0.5)
     texts = w.corpus + [f"{r['prompt']} {r['chosen']} {r['rejected']}" for r in w.hpa]
     tok = data.train_tokenizer(texts, vocab_size=200, cache_dir=tmp_path)
     examples = data.tokenize_hpa(w.hpa, tok, max_seq_len=64)

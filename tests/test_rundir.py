@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train as train_py
+from infra import parallel, rundir
 from conftest import (ALGOS, ENV, HBAT_STAGES, KILLER, ROOT, SMOKE, TORCHRUN, comparable, custom_flags,
                       exits_with_one_line, final_state, ok, read_json, read_rows, snapshot, train)
 
@@ -59,10 +60,13 @@ def test_kill_and_resume_equals_an_uninterrupted_run(smoke_run, tmp_path, cache)
     ("ppo", 11, False, None, ("reward", "RM", 3)),          # ... and its reward model (8 steps), trained before
     ("ppo", 26, False, None, ("two-stage", "HPA", 4)),      # between PPO rollouts (4 rollouts of 2 updates)
     ("ppo-release", 34, False, None, ("hbat", "HPA_2", 2)),  # after the one rollout of an hbat HPA stage, penalised
+    ("ppo-release", 26, False, None, ("two-stage", "HPA", 4)),  # between rollouts: the reward queue holds two
+    ("ppo-adaptive-kl", 26, False, None, ("two-stage", "HPA", 4)),  # the KL coefficient has moved twice
     ("dpo", 13, False, "ddp", ("two-stage", "HPA", 5)),     # torchrun, 2 processes
+    ("ppo-release", 26, False, "ddp", ("two-stage", "HPA", 4)),  # torchrun: each rank's own queue and generator
     ("ppo", 26, False, "fsdp", ("two-stage", "HPA", 4)),    # torchrun --fsdp: AdamW's state gathered and re-sharded
-], ids=["ifa", "dpo", "torn-write", "sft", "reward-model", "ppo-between-rollouts", "release-end-of-stage", "torchrun",
-        "fsdp"])
+], ids=["ifa", "dpo", "torn-write", "sft", "reward-model", "ppo-between-rollouts", "release-end-of-stage",
+        "release-between-rollouts", "adaptive-kl", "torchrun", "torchrun-release", "fsdp"])
 def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after, torn, how, where, smoke_run,
                                                                      torchrun_run, tmp_path, cache):
     """--save-every 1; the run kills itself (SIGKILL) right after its N-th mid-stage save, or halfway through
@@ -179,4 +183,69 @@ def test_bad_data_in_a_used_out_loses_nothing(custom, tmp_path, cache, capsys):
                                                        str(cache)])
     assert "ifa.jsonl:49" in line, line
     assert snapshot(out) == before
+
+
+
+# A train.py whose evaluation fails the first time it is asked, right after the first stage was trained and saved
+FAILING_JUDGE = """import os, sys
+sys.path.insert(0, os.getcwd())
+import train
+evaluate = train.Run.evaluate
+
+def failing(self, model, records=None):
+    raise RuntimeError("the judge failed")
+
+train.Run.evaluate = failing
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_stage_is_saved_before_it_is_judged(smoke_run, tmp_path, cache):
+    """The evaluation after two-stage's first stage fails: the run stops with the stage trained and on disk. The
+    re-run judges that stage without training it again and ends with the uninterrupted run's results, per-step
+    metrics (the IFA stage's rows once, not twice) and weights."""
+    out_a, _ = smoke_run("dpo")
+    out = tmp_path / "out"
+    (tmp_path / "failing.py").write_text(FAILING_JUDGE)
+    failed = train(*ALGOS["dpo"], out=out, cache=cache, script=tmp_path / "failing.py")
+    assert failed.returncode != 0 and "the judge failed" in failed.stderr
+    saved = torch.load(out / "two-stage.pt", weights_only=True)
+    assert [r["name"] for r in saved["history"]] == ["IFA"] and "eval" not in saved["history"][0]
+    ok(train(*ALGOS["dpo"], out=out, cache=cache))
+    assert comparable(read_json(out / "results.json")) == comparable(read_json(out_a / "results.json"))
+    rows = [[r for r in read_rows(o / "metrics.jsonl") if r["schedule"] != "base"] for o in (out_a, out)]
+    assert rows[0] == rows[1]  # (the base was pretrained by whichever run came first)
+    a, b = final_state(out_a), final_state(out)
+    assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
+
+
+def midstage_file(tmp_path, stage_index, world=1):
+    """A MidStage of a one-layer model, saved at step 3 of stage `stage_index` by `world` processes' worth of
+    per-rank state (the file's `ranks` list, as rank 0 writes it)."""
+    rt = parallel.Runtime("cpu")
+    module = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(module.parameters())
+    midstage = rundir.MidStage(str(tmp_path), "hbat", stage_index, 10, 1, rt)
+    midstage.save(module, opt, {"step": 3, "rows": []}, per_rank={"queue": [1.0, 2.0]})
+    if world > 1:
+        state = torch.load(midstage.path, weights_only=True)
+        torch.save(state | {"ranks": state["ranks"] * world}, midstage.path)
+    return rt, module, opt
+
+
+def test_a_mid_stage_file_of_an_earlier_stage_is_not_resumed(tmp_path):
+    """The file a killed run left inside stage 1 does not count for stage 2 (it starts from its beginning); for
+    stage 1 it gives back the step, the global step and this rank's own state."""
+    rt, module, opt = midstage_file(tmp_path, 1)
+    later = rundir.MidStage(str(tmp_path), "hbat", 2, 10, 1, rt)
+    assert not later.saved() and later.restore(module, opt, "HPA_2") is None
+    same = rundir.MidStage(str(tmp_path), "hbat", 1, 10, 1, rt)
+    progress = same.restore(module, opt, "IFA_2")
+    assert same.saved() and progress["step"] == 3 and progress["global_step"] == 13 and progress["queue"] == [1.0, 2.0]
+
+
+def test_a_mid_stage_file_of_another_world_size_is_refused(tmp_path):
+    rt, module, opt = midstage_file(tmp_path, 1, world=2)
+    with pytest.raises(ValueError, match="saved by 2 processes, this run has 1"):
+        rundir.MidStage(str(tmp_path), "hbat", 1, 10, 1, rt).restore(module, opt, "IFA_2")
 

@@ -55,3 +55,22 @@ def test_sample_bad_input_is_one_line(case, custom, tmp_path, capsys):
                   "no tokenizer": ([tmp_path / "alone.pt", "hi"], "--tokenizer"),
                   "--top-p 0": ([model, "hi", "--top-p", 0], "--top-p")}[case]
     assert name in exits_with_one_line(capsys, sample.main, [str(a) for a in argv])
+
+
+@pytest.mark.parametrize("case", ["a run folder of two models", "a run's results.json"])
+def test_sample_given_a_run_folder_or_a_file_of_it_names_what_to_give(case, tmp_path, capsys):
+    """A run folder with two schedules' models: one line listing them (not the SFT model or a mid-stage save); a run's
+    results.json: one line saying it is not a model, nothing loaded."""
+    for name in ("metrics.jsonl", "results.json", "two-stage.pt", "hbat.pt", "sft.pt", "hbat.step.pt"):
+        (tmp_path / name).write_text("{}")
+    path, names = {"a run folder of two models": (tmp_path, ["two-stage.pt", "hbat.pt"]),
+                   "a run's results.json": (tmp_path / "results.json", ["not a model file"])}[case]
+    line = exits_with_one_line(capsys, sample.main, [str(path), "hi"])
+    assert all(n in line for n in names) and "sft.pt" not in line and "step.pt" not in line
+
+
+def test_sample_given_a_run_folder_of_one_model_takes_it(tmp_path):
+    for name in ("metrics.jsonl", "hbat.pt", "sft.pt"):
+        (tmp_path / name).write_text("{}")
+    assert sample.model_path(str(tmp_path)) == str(tmp_path / "hbat.pt")
+

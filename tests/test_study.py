@@ -64,7 +64,7 @@ def test_an_ablation_is_judged_against_the_two_stage_run_of_its_seed(tmp_path, c
                            "--quiet", *common],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "train.py", "--algo", "dpo", "--seed", "0", "--alignment-tax", "0.5",
+    proc = subprocess.run([sys.executable, "train.py", "--algo", "dpo", "--seed", "0", "--annotator-bias", "0.5",
                            "--schedule", "two-stage,hbat", "--ewc", "none", "--out", str(tmp_path / "both"), *common],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

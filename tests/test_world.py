@@ -1,5 +1,5 @@
 """world.py: the embedded world is deterministic, balanced and held out; its gold judge orders content before
-style; its alignment-tax knob sets exactly the share of conflict pairs won by style."""
+style; its annotator-bias knob c sets exactly the share of conflict pairs won by style."""
 import pytest
 
 import data
@@ -151,7 +151,7 @@ def correct(r, answer):
 
 
 def test_no_pair_prefers_a_wrong_answer_at_zero_tax():
-    w = world.make_world(seed=3, n_corpus=10, n_ifa=4, n_hpa=600, n_test=4, alignment_tax=0.0)
+    w = world.make_world(seed=3, n_corpus=10, n_ifa=4, n_hpa=600, n_test=4, annotator_bias=0.0)
     for r in w.hpa:
         assert correct(r, r["chosen"]) and world.gold_reward(r, r["chosen"]) > world.gold_reward(r, r["rejected"])
     assert [sum(r["pair"] == k for r in w.hpa) for k in world.PAIR_KINDS] == [240, 180, 180]
@@ -159,7 +159,7 @@ def test_no_pair_prefers_a_wrong_answer_at_zero_tax():
 
 def test_tax_sets_the_share_of_conflict_pairs_won_by_style():
     for c, expected in [(0.5, 90), (1.0, 180)]:
-        w = world.make_world(seed=3, n_corpus=10, n_ifa=4, n_hpa=600, n_test=4, alignment_tax=c)
+        w = world.make_world(seed=3, n_corpus=10, n_ifa=4, n_hpa=600, n_test=4, annotator_bias=c)
         wrong = [r for r in w.hpa if not correct(r, r["chosen"])]
         assert len(wrong) == expected and all(r["pair"] == "conflict" and world.is_styled(r["chosen"]) for r in wrong)
 
