@@ -170,14 +170,33 @@ def stage_line(schedule, stage, metrics, evaluation, seconds):
             + f" ({seconds:.1f}s)")
 
 
+LEGEND = {"ifa_score": "content correct on the held-out prompts (real data: ROUGE-L against the references)",
+          "hpa_score": "mean reward of the judge (the embedded world: its gold reward, in [-1, 4])",
+          "rm_score": "mean score of the run's reward model (PPO)",
+          "styled": "share of answers in the polite style the judge prefers (the embedded world)",
+          "no_eos": "share of answers cut at --max-new-tokens", "repetition": "share with a word three times in a row",
+          "length": "mean answer length in tokens", "tax": "IFA score lost against the SFT model: the alignment tax",
+          "win vs 2-stage": "share of prompts where the answer beats two-stage's (ties half)"}
+
+
 def table(results):
-    """The side-by-side table of one run: a row per schedule."""
+    """The side-by-side table of one run: the base and the SFT model (two-stage's first stage) where every schedule
+    starts, a row per schedule with the IFA score it lost against SFT, then a legend of the columns."""
     cols = ["ifa_score", "hpa_score", "rm_score", "styled", "no_eos", "repetition", "length"]
     runs = results["schedules"]
-    cols = [c for c in cols if any(c in r["metrics"] for r in runs.values())]
-    lines = [f"{'schedule':<14}" + "".join(f"{c:>12}" for c in cols) + f"{'win vs 2-stage':>16}"]
-    for name, r in runs.items():
+    rows = ({"base": results["base_metrics"]} if results.get("base_metrics") else {}) | (
+        {"SFT": runs["two-stage"]["stages"][0]["eval"]} if "two-stage" in runs else {}) | {
+        name: r["metrics"] for name, r in runs.items()}
+    cols = [c for c in cols if any(c in m for m in rows.values())]
+    sft = rows.get("SFT", {}).get("ifa_score")
+    lines = [f"{'schedule':<14}" + "".join(f"{c:>12}" for c in cols + ["tax"]) + f"{'win vs 2-stage':>16}"]
+    for name, m in rows.items():
         win = results["win_rates"].get(f"{name}_vs_two-stage")
-        lines.append(f"{name:<14}" + "".join(f"{r['metrics'].get(c, float('nan')):>12.3f}" for c in cols)
+        tax = sft - m["ifa_score"] if sft is not None and name in runs else None
+        lines.append(f"{name:<14}" + "".join(f"{m.get(c, float('nan')):>12.3f}" for c in cols)
+                     + (f"{tax:>12.3f}" if tax is not None else f"{'-':>12}")
                      + (f"{win:>16.3f}" if win is not None else f"{'-':>16}"))
+    lines += [""] + [f"  {c}: {LEGEND[c]}" for c in cols + ["tax", "win vs 2-stage"]]
+    if results["config"].get("preset") == "smoke":
+        lines.append("  --preset smoke: a model and data this small show that the pipeline runs, not what it learns")
     return "\n".join(lines)

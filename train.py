@@ -85,6 +85,9 @@ def main(argv=None):
     if args.algo == "ppo":  # one reward model for every schedule, trained from the SFT model
         run.rm, rm_accuracy = reward_model(run, base)
     results = rundir.Results(rt, args.out, args.algo, flags.run_config(args), rm_accuracy)
+    if rt.evaluates:  # where every schedule starts: the first row of the table
+        results.data["base_metrics"] = run.evaluate(parallel.place(rt, prepare.on_meta(base.args),
+                                                                   base.state_dict()))[0]
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
         stages, n_splits = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none",
                                       args.rpo_alpha, args.alright_lambda)

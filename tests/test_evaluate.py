@@ -123,3 +123,22 @@ def test_load_judge_refuses_what_is_not_a_reward_model(llama, tmp_path):
     with pytest.raises(ValueError, match="another tokenizer"):
         evaluate.load_judge(tmp_path / "small.pt", tok, 64, "cpu")
 
+
+
+def test_the_run_table_has_base_and_sft_rows_a_tax_column_and_a_legend():
+    """SFT (two-stage's first stage) scores IFA 0.9, two-stage 0.7 and hbat 0.8: their taxes are 0.200 and 0.100; the
+    base and SFT rows have none. Every column is named in the legend; only a smoke run says it shows the plumbing."""
+    m = {"ifa_score": 0.7, "hpa_score": 2.0}
+    results = {"config": {"preset": "default"}, "base_metrics": {"ifa_score": 0.1, "hpa_score": 0.5},
+               "win_rates": {"hbat_vs_two-stage": 0.6},
+               "schedules": {"two-stage": {"metrics": m, "stages": [{"eval": {"ifa_score": 0.9, "hpa_score": 2.5}}]},
+                             "hbat": {"metrics": m | {"ifa_score": 0.8}, "stages": []}}}
+    lines = evaluate.table(results).splitlines()
+    assert [line.split()[0] for line in lines[1:5]] == ["base", "SFT", "two-stage", "hbat"]
+    assert lines[1].split()[-2:] == ["-", "-"] and lines[2].split()[-2:] == ["-", "-"]
+    assert lines[3].split()[-2:] == ["0.200", "-"] and lines[4].split()[-2:] == ["0.100", "0.600"]
+    legend = "\n".join(lines[5:])
+    assert all(f"  {c}:" in legend for c in ("ifa_score", "hpa_score", "tax", "win vs 2-stage"))
+    assert "plumbing" not in legend and "pipeline runs" not in legend
+    results["config"]["preset"] = "smoke"
+    assert "--preset smoke" in evaluate.table(results)
