@@ -34,7 +34,7 @@ import ppo
 import prepare
 import reward
 from ewc import EWC
-from infra import flags, parallel, rundir
+from infra import flags, parallel, pictures, rundir
 from infra.flags import die
 from lab import conflict
 from model import Transformer
@@ -108,7 +108,7 @@ def main(argv=None):
             results.data[prefix + "win_rates"] = evaluate.win_rates(judge, records, results.answers[prefix])
     results.save(time.time() - t_start)
     if rt.rank == 0:
-        print(evaluate.table(results.data))
+        print(evaluate.table(results.data) + "\n" + pictures.draw(args.out, results.data))
     parallel.teardown(rt)
 
 

@@ -49,7 +49,8 @@ def header(d):
     seeds = sorted({len(b["seeds"]) for b in d["bases"]})
     worlds = ", ".join(str(b["world_seed"]) for b in d["bases"])
     text = (f"{d['algo'].upper()}{' (' + d['ppo_variant'] + ')' if d['ppo_variant'] else ''}, "
-            f"{len(d['bases'])} bases (worlds {worlds}), {'-'.join(map(str, seeds))} seeds each")
+            f"{len(d['bases'])} bases (worlds {worlds}), {'-'.join(map(str, seeds))} "
+            f"seed{'s' if seeds != [1] else ''} each")
     if d["ideal_chosen"] is not None:
         text += f", --ideal-chosen {d['ideal_chosen']:g}"
     if d["bases_left_out"]:
@@ -64,16 +65,18 @@ def settings_table(d):
     hours = sum(b["runs_seconds"] for b in d["bases"]) / 3600
     lines = [f"Protocol: {header(d)}; {runs} train.py runs, {hours:.1f} hours of wall time in all (one thread each, "
              "two at a time on 2 cores).", "",
-             "| schedule | knob | settings | chosen per base | validation win rate of each setting, pooled |",
-             "|---|---|---|---|---|"]
+             "| schedule | knob | settings | chosen per base | bases chosen at an end of the grid | validation win "
+             "rate of each setting, pooled |", "|---|---|---|---|---|---|"]
     for n, k in d["knobs"].items():
         chosen = " ".join(f"{b['chosen'][n]:g}" for b in d["bases"])
         wins = ", ".join(f"{v:g}: {statistics.mean(statistics.mean(b['val_win'][n][f'{v:g}']) for b in d['bases']):.3f}"
                          for v in k["settings"])
+        ends = sum(b["chosen"][n] in (min(k["settings"]), max(k["settings"])) for b in d["bases"])
         lines.append(f"| {SHORT[n]} | {k['name']} (`{k['flag']}`) | {', '.join(f'{v:g}' for v in k['settings'])} "
-                     f"| {chosen} | {wins} |")
+                     f"| {chosen} | {ends} of {len(d['bases'])} | {wins} |")
     lines += ["", "The validation win rate is against two-stage at its default setting for two-stage itself, and "
-              "against the tuned two-stage for every other schedule."]
+              "against the tuned two-stage for every other schedule. A setting chosen at an end of its grid may not "
+              "be the schedule's best: a wider grid could choose further out, for that schedule as for any other."]
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import world
+from infra import pictures
 from infra.flags import get_args
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -286,7 +287,7 @@ def plot(root, main_runs, table, c):
                 curves.setdefault((r["schedule"], c_run), {}).setdefault(r["step"], []).append(
                     (r["eval/ifa_score"], r["eval/hpa_score"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {name: f"C{i}" for i, name in enumerate(sorted({name for name, _ in curves}))}
+    colors = {name: pictures.color(name) for name, _ in curves}  # one colour per schedule in every figure
     for (name, c_run), by_step in sorted(curves.items()):
         steps = sorted(by_step)
         for ax, j in zip(axes, (0, 1)):

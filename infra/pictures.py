@@ -1,0 +1,75 @@
+"""The pictures of a run, drawn from its results.json when matplotlib is installed (`pip install matplotlib`; the rest
+of the project runs without it):
+
+    OUT/tradeoff.png   IFA score against HPA score: the base, the SFT model, and each schedule's path through its
+                       stages (a point where each stage left the model); weight averaging's models on a dashed line
+    OUT/curves.png     IFA and HPA score against optimizer steps, a point at each stage's end and a dotted line at
+                       each stage boundary, with the SFT model's scores as a grey reference
+
+One colour per schedule in every figure of the project (`COLORS`).
+"""
+import os
+
+COLORS = {"two-stage": "tab:blue", "hbat": "tab:orange", "multi-task": "tab:green", "rpo": "tab:red",
+          "alright": "tab:purple", "averaged": "tab:brown", "sft": "tab:gray", "SFT": "tab:gray", "base": "black"}
+FILES = ("tradeoff.png", "curves.png")
+
+
+def color(name):
+    return COLORS.get(name.split("@")[0], "tab:pink")
+
+
+def draw(out, results):
+    """Write FILES into `out` from a run's results (results.json's dict). Returns the line the run prints about them."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"no pictures: `pip install matplotlib` and re-run to draw {' and '.join(FILES)} into {out}"
+    runs = {n: r for n, r in results["schedules"].items() if r["stages"]}
+    sft = runs["two-stage"]["stages"][0]["eval"] if "two-stage" in runs else None
+    start = results.get("base_metrics")
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for label, m in (("base", start), ("SFT", sft)):
+        if m:
+            ax.plot(m["hpa_score"], m["ifa_score"], "s", color=COLORS[label], label=label)
+    for name, r in runs.items():
+        path = ([start] if start else []) + [st["eval"] for st in r["stages"] if "eval" in st]
+        ax.plot([m["hpa_score"] for m in path], [m["ifa_score"] for m in path], "o-", color=color(name), ms=3,
+                label=name)
+        ax.plot(path[-1]["hpa_score"], path[-1]["ifa_score"], "o", color=color(name), ms=9)
+    averaged = sorted((float(n.split("@")[1]), r["metrics"]) for n, r in results["schedules"].items()
+                      if n.startswith("averaged@"))
+    if averaged:
+        ax.plot([m["hpa_score"] for _, m in averaged], [m["ifa_score"] for _, m in averaged], "d--",
+                color=COLORS["averaged"], label="averaged (α = " + ", ".join(f"{a:g}" for a, _ in averaged) + ")")
+    ax.set_xlabel("HPA score (the judge's reward)")
+    ax.set_ylabel("IFA score (content)")
+    ax.set_title("where each stage leaves the model (big dot: the end)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, FILES[0]), dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("ifa_score", "hpa_score"), ("IFA score", "HPA score")):
+        if sft:
+            ax.axhline(sft[key], ls="--", color=COLORS["SFT"], lw=1, label="SFT")
+        for name, r in runs.items():
+            ends, step = [], 0
+            for st in r["stages"]:
+                step += st["steps"]
+                ends.append(step)
+                ax.axvline(step, ls=":", color=color(name), lw=0.6, alpha=0.6)
+            xs = ([0] if start else []) + [e for e, st in zip(ends, r["stages"]) if "eval" in st]
+            ys = ([start[key]] if start else []) + [st["eval"][key] for st in r["stages"] if "eval" in st]
+            ax.plot(xs, ys, "o-", color=color(name), ms=3, label=name)
+        ax.set_xlabel("optimizer step (dotted: a stage boundary)")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, FILES[1]), dpi=120)
+    plt.close(fig)
+    return "pictures: " + ", ".join(os.path.join(out, f) for f in FILES)

@@ -1,0 +1,33 @@
+"""infra/pictures.py: a run's two pictures when matplotlib is installed, one line saying how to get them when not."""
+import sys
+
+import pytest
+
+import hbat
+from infra import pictures
+
+
+def results():
+    """Two schedules of two stages each, from a base, with weight averaging's models between SFT and two-stage."""
+    m = {"ifa_score": 0.8, "hpa_score": 2.5}
+    stages = [{"steps": 4, "eval": m}, {"steps": 4, "eval": m | {"ifa_score": 0.6}}]
+    return {"base_metrics": m, "schedules": {"two-stage": {"stages": stages, "metrics": stages[-1]["eval"]},
+                                             "hbat": {"stages": stages, "metrics": m},
+                                             "averaged@0.5": {"stages": [], "metrics": m}}}
+
+
+def test_a_run_draws_its_tradeoff_and_its_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    line = pictures.draw(str(tmp_path), results())
+    assert all((tmp_path / f).stat().st_size > 1000 for f in pictures.FILES) and "tradeoff.png" in line
+
+
+def test_without_matplotlib_a_run_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    line = pictures.draw(str(tmp_path), results())
+    assert "pip install matplotlib" in line and not list(tmp_path.iterdir())
+
+
+def test_every_schedule_has_its_own_colour():
+    colours = [pictures.color(n) for n in hbat.SCHEDULES]
+    assert len(set(colours)) == len(colours) and pictures.color("averaged@0.25") == pictures.color("averaged")
