@@ -32,7 +32,8 @@ from torch.distributed.tensor import DTensor
 import data
 
 METHODS = ("modified", "uniform", "original", "none", "freeze", "random")
-# F_max of HPA stages and of IFA stages, as the study chose them (docs/results.md); the release uses 100 for IFA's
+# F_max of HPA stages and of IFA stages, as the earlier study chose them (docs/results-earlier.md); the release
+# uses 100 for IFA's
 F_MAX, F_MAX_IFA = 1.0, 10.0
 
 

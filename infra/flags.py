@@ -25,7 +25,7 @@ PRESETS = {
                   max_new_tokens=12, ifa_styled=0.0),
 }
 # docs/design-notes.md: 3 passes over the prompts, policy lr 3e-4; and 10% of the demonstrations in the style, since PPO
-# can only reinforce what it samples: with none, the SFT policy samples no styled answer at all (docs/results.md, "PPO")
+# can only reinforce what it samples: with none, the SFT policy samples no styled answer at all (docs/results-earlier.md, "PPO")
 PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4, ifa_styled=0.1)
 
 

@@ -140,8 +140,8 @@ def gaps(d):
                     break
         lines.append(f"| {SHORT[n]} | {cells[0]} | {cells[1]} | {beaten} of {len(d['bases'])} |")
     alphas = ", ".join(d["bases"][0]["runs"][0]["averaged"])
-    lines += ["", f"The averaged models are (1 − α)·SFT + α·tuned two-stage at α = {alphas}, each base's mean over "
-              "its seeds against the schedule's."]
+    lines += ["", f"The averaged models are (1 − α)·SFT + α·tuned two-stage at α = {alphas}, each base's mean "
+              "over its seeds against the schedule's."]
     return "\n".join(lines)
 
 
@@ -169,11 +169,14 @@ def sweep(main, lighter):
                                    for b in main["bases"] if b["world_seed"] in worlds])
     studies = [restricted] + lighter
     names = [n for n in schedules(main) if n != "two-stage"]
-    lines = ["| chosen answers that are ideal | " + " | ".join(SHORT[n] for n in names) + " | chosen settings "
-             "(two-stage first) |", "|---|" + "---|" * (len(names) + 1)]
+    lines = ["| chosen answers that are ideal | two-stage: IFA / HPA score | " + " | ".join(SHORT[n] for n in names)
+             + " | chosen settings (two-stage first) |", "|---|" + "---|" * (len(names) + 2)]
     for d in studies:
         share = 0.7 if d["ideal_chosen"] is None else d["ideal_chosen"]
-        cells = [pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]) for n in names]
+        two = {k: statistics.mean(base_mean(b, lambda r: r["metrics"]["two-stage"][k]) for b in d["bases"])
+               for k in ("ifa_score", "hpa_score")}
+        cells = [f"{two['ifa_score']:.3f} / {two['hpa_score']:.3f}"] + [pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]])
+                         for n in names]
         chosen = "; ".join(" ".join(f"{b['chosen'][n]:g}" for n in schedules(d)) for b in d["bases"])
         lines.append(f"| {share:g} | " + " | ".join(cells) + f" | {chosen} |")
     lines += ["", f"Win rates against the tuned two-stage on the test prompts, pooled over worlds "
@@ -272,6 +275,55 @@ def moved(d, path):
     return "\n".join(lines)
 
 
+def answers(d, lighter):
+    """The questions a reader asks, each answered first, in sentences computed from the result files."""
+    def per_base(f):
+        return [base_mean(b, f) for b in d["bases"]]
+
+    def win(a, b):
+        return per_base(lambda r: r["h2h"][a][b])
+
+    tax = per_base(lambda r: r["sft_metrics"]["ifa_score"] - r["metrics"]["two-stage"]["ifa_score"])
+    _, lo, _ = ci(tax)
+    lines = [f"1. **Is there an alignment tax?** {'Yes' if lo > 0 else 'Not measurably'}: the tuned two-stage keeps "
+             f"less of the SFT model's IFA score, {pooled(tax)} lower, paired per base (§2.2)."]
+    v = verdict_of(win("hbat", "two-stage"))
+    lines.append(f"2. **Does Hbat beat two-stage?** With DPO, every schedule tuned alike: it {v} two-stage, win "
+                 f"rate {pooled(win('hbat', 'two-stage'))} over {len(d['bases'])} bases (§2.6). With PPO it has not "
+                 "been measured under the protocol yet; the earlier studies are in "
+                 "[results-earlier.md](results-earlier.md).")
+    others = [n for n in schedules(d) if n != "two-stage"]
+    beaten = {a: [b for b in schedules(d) if b != a and verdict_of(win(a, b)) == "beats"] for a in others}
+    top = max(others, key=lambda a: len(beaten[a]))
+    lines.append(f"3. **Against the cheap alternatives?** {SHORT[top]} beats "
+                 + (", ".join(SHORT[b] for b in beaten[top]) or "no other schedule")
+                 + f" head to head ({len(beaten[top])} of {len(schedules(d)) - 1}); Hbat beats "
+                 + (", ".join(SHORT[b] for b in beaten["hbat"]) or "none") + " (§2.3, §2.6).")
+    if d["algo"] == "dpo":
+        every = [r["stages"] for b in d["bases"] for r in b["runs"]]
+
+        def end(n, i):
+            return statistics.mean(s[n][i]["grad_cosine_end"] for s in every)
+        start = statistics.mean(s["two-stage"][0]["grad_cosine"] for s in every)
+        hb = [end("hbat", i) for i in range(len(every[0]["hbat"]))]
+        lines.append(f"4. **Where do the objectives conflict?** The cosine between the IFA and the DPO gradient is "
+                     f"{start:+.3f} at the base; two-stage's DPO stage ends at {end('two-stage', 1):+.3f}, Hbat's "
+                     f"stages end between {min(hb):+.3f} and {max(hb):+.3f} (a mean over {len(every)} runs; "
+                     "negative: a step down one loss is a step up the other; §2.5).")
+    if lighter:
+        shares = [(0.7, d)] + [(x["ideal_chosen"], x) for x in lighter]
+        worlds = [b["world_seed"] for b in lighter[0]["bases"]]
+
+        def on(x, n):
+            return pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in x["bases"]
+                           if b["world_seed"] in worlds and b["seeds"]])
+        lines.append("5. **Does the world's construction decide it?** As fewer chosen answers are the ideal one, the "
+                     "win rates against the tuned two-stage on worlds " + ", ".join(map(str, worlds)) + " go: "
+                     + "; ".join(f"{SHORT[n]} " + " → ".join(f"{on(x, n)} at {share:g}" for share, x in shares)
+                                 for n in ("rpo", "hbat")) + " (§3).")
+    return "\n".join(lines)
+
+
 def blocks():
     """NAME -> its text, for every generated block."""
     out = {}
@@ -295,6 +347,8 @@ def blocks():
                      key=lambda d: -d["ideal_chosen"])
     if lighter and "dpo" in names:
         out["dpo-sweep"] = sweep(load("dpo"), lighter)
+    if "dpo" in names:
+        out["dpo-answers"] = answers(load("dpo"), lighter)
     return out
 
 
