@@ -96,7 +96,7 @@ def main(argv=None):
         else:  # weight averaging trains nothing (§7.1): the SFT model and two-stage's, interpolated
             train_sft(run, base)
             trained = ((name, model, [], None) for name, model in prepare.averaged(args, rt, base.args))
-        for name, model, history, evaluation in trained:  # None: finished earlier, its answers not kept
+        for name, model, history, evaluation in trained:  # None: not evaluated here (averaged, other ranks)
             if rt.evaluates:  # and on the validation prompts, where settings are chosen
                 results.add(name, history, evaluation or run.evaluate(model), task.val and run.evaluate(model, task.val))
             if args.export_hf:

@@ -111,7 +111,7 @@ def get_args(argv=None):
     a("--ewc-scale", type=float, default=1.0, help="s in softmax(s^2 * Omega); the release uses 1e10")
     a("--ewc-elementwise", action="store_true", help="importance per element instead of per tensor (§3.3)")
     a("--f-max", type=float, default=ewc.F_MAX, help="F_max of HPA stages: the largest per-tensor weight of the "
-      "penalty that holds what IFA learned (default from the study, docs/results.md)")
+      "penalty that holds what IFA learned (default from the earlier study, docs/results-earlier.md)")
     a("--f-max-ifa", type=float, default=ewc.F_MAX_IFA, help="F_max of IFA stages: holds what HPA learned "
       "(the release: 100)")
     a("--ewc-lambda", type=float, default=1.0, help="lambda inside the square of the penalty (§3.3)")

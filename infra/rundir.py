@@ -158,9 +158,9 @@ class MidStage:
     inside the stage as if never stopped. The stage is first rebuilt from the last stage-boundary checkpoint exactly
     as an uninterrupted run builds it (the EWC anchor and weights, the reference model or cached reference log-probs,
     the critic it started with); `restore` then loads what only the stage's own steps changed: the weights (PPO: and
-    the critic's), AdamW's state, and the loop's `progress` (its step, its metric rows, where it is in the data; PPO:
-    its KL coefficient), and for every rank what that rank alone holds: its RNG states and, under PPO, its sampling
-    generator and the release's reward queue. Written atomically by rank 0; under FSDP every rank takes part in
+    the critic's), AdamW's state, and the loop's `progress` (its step, its metric rows, where it is in the data), and
+    for every rank what that rank alone holds: its RNG states and, under PPO, its sampling generator, KL coefficient
+    and the release's reward queue. Written atomically by rank 0; under FSDP every rank takes part in
     gathering it."""
 
     def __init__(self, out, schedule, stage_index, steps_before, every, rt):
@@ -181,6 +181,8 @@ class MidStage:
         state = self._read()
         if state is None:
             return None
+        if "ranks" not in state:
+            raise ValueError(f"{self.path} was saved by an older version of this code: remove it to restart the stage")
         if len(state["ranks"]) != self.rt.world:
             raise ValueError(f"{self.path} was saved by {len(state['ranks'])} processes, this run has {self.rt.world}: "
                              "resume it with as many, or remove the file to restart the stage")

@@ -132,8 +132,8 @@ def finished(out):
 
 def collect(args, protocol):
     """Choose every schedule's setting per base on the validation prompts, then read the test prompts (the module's
-    docstring, steps 1-3). Bases whose runs of some seed are unfinished take only their finished seeds; a base with
-    no seed finished for every run is left out, and the JSON says which."""
+    docstring, steps 1-3). A base takes only the seeds whose runs have all finished; a base with no such seed is left
+    out, and the JSON says which."""
     bases, left_out = [], []
     trained = [s for s in protocol if s != "averaged"]
     for w in args.world_seeds:

@@ -49,12 +49,12 @@ def header(d):
     seeds = sorted({len(b["seeds"]) for b in d["bases"]})
     worlds = ", ".join(str(b["world_seed"]) for b in d["bases"])
     text = (f"{d['algo'].upper()}{' (' + d['ppo_variant'] + ')' if d['ppo_variant'] else ''}, "
-            f"{len(d['bases'])} bases (worlds {worlds}), {'-'.join(map(str, seeds))} "
-            f"seed{'s' if seeds != [1] else ''} each")
+            f"{len(d['bases'])} bases (worlds {worlds}), "
+            f"{seeds[0] if len(seeds) == 1 else f'{seeds[0]} to {seeds[-1]}'} seed{'s' if seeds != [1] else ''} each")
     if d["ideal_chosen"] is not None:
         text += f", --ideal-chosen {d['ideal_chosen']:g}"
     if d["bases_left_out"]:
-        text += f"; left out, no run finished: worlds {', '.join(map(str, d['bases_left_out']))}"
+        text += f"; left out, no seed with every run finished: worlds {', '.join(map(str, d['bases_left_out']))}"
     return text
 
 
@@ -141,7 +141,8 @@ def gaps(d):
         lines.append(f"| {SHORT[n]} | {cells[0]} | {cells[1]} | {beaten} of {len(d['bases'])} |")
     alphas = ", ".join(d["bases"][0]["runs"][0]["averaged"])
     lines += ["", f"The averaged models are (1 − α)·SFT + α·tuned two-stage at α = {alphas}, each base's mean "
-              "over its seeds against the schedule's."]
+              "over its seeds against the schedule's; the count says whether any of them does better on both test "
+              "scores, it chooses nothing."]
     return "\n".join(lines)
 
 
@@ -175,13 +176,14 @@ def sweep(main, lighter):
         share = 0.7 if d["ideal_chosen"] is None else d["ideal_chosen"]
         two = {k: statistics.mean(base_mean(b, lambda r: r["metrics"]["two-stage"][k]) for b in d["bases"])
                for k in ("ifa_score", "hpa_score")}
-        cells = [f"{two['ifa_score']:.3f} / {two['hpa_score']:.3f}"] + [pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]])
-                         for n in names]
+        cells = [f"{two['ifa_score']:.3f} / {two['hpa_score']:.3f}"] + [
+            pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]) for n in names]
         chosen = "; ".join(" ".join(f"{b['chosen'][n]:g}" for n in schedules(d)) for b in d["bases"])
         lines.append(f"| {share:g} | " + " | ".join(cells) + f" | {chosen} |")
     lines += ["", f"Win rates against the tuned two-stage on the test prompts, pooled over worlds "
               f"{', '.join(map(str, worlds))} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}), "
-              "every schedule tuned again at each share."]
+              "every schedule tuned again at each share (at 0.7, the main study's settings, chosen on the "
+              "validation answers of all its seeds)."]
     return "\n".join(lines)
 
 
@@ -265,17 +267,17 @@ def moved(d, path):
     for n in schedules(d):
         if n == "two-stage":
             continue
-        old = before.get(n, before.get("averaged@1")) if n != "averaged" else None
+        old = before.get(n)
         per = [base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]
         chosen = " ".join(f"{b['chosen'][n]:g}" for b in d["bases"])
-        lines.append(f"| {SHORT[n]} | {'every α reported' if old is None else f'{old:.3f}'} | {pooled(per)} "
-                     f"| {chosen} |")
+        then = "every α reported" if n == "averaged" else "-" if old is None else f"{old:.3f}"
+        lines.append(f"| {SHORT[n]} | {then} | {pooled(per)} | {chosen} |")
     lines += ["", "Before, ALRIGHT alternated its steps in a fixed 1:1 order; now it draws them (λ = 1/2 is the same "
               "mix in a random order)."]
     return "\n".join(lines)
 
 
-def answers(d, lighter):
+def answers(d, lighter, ppo=()):
     """The questions a reader asks, each answered first, in sentences computed from the result files."""
     def per_base(f):
         return [base_mean(b, f) for b in d["bases"]]
@@ -284,21 +286,26 @@ def answers(d, lighter):
         return per_base(lambda r: r["h2h"][a][b])
 
     tax = per_base(lambda r: r["sft_metrics"]["ifa_score"] - r["metrics"]["two-stage"]["ifa_score"])
-    _, lo, _ = ci(tax)
-    lines = [f"1. **Is there an alignment tax?** {'Yes' if lo > 0 else 'Not measurably'}: the tuned two-stage keeps "
-             f"less of the SFT model's IFA score, {pooled(tax)} lower, paired per base (§2.2)."]
+    _, lo, hi = ci(tax)
+    lines = [f"1. **Is there an alignment tax?** {'Yes' if lo > 0 else 'No' if hi < 0 else 'Not measurably'}: the "
+             f"SFT model's IFA score minus the tuned two-stage's, paired per base, is {pooled(tax, signed=True)} "
+             "(§2.2)."]
     v = verdict_of(win("hbat", "two-stage"))
+    with_ppo = "; ".join(
+        f"with PPO ({p['ppo_variant']}) it {verdict_of(w)} two-stage, win rate {pooled(w)} over {len(p['bases'])} bases"
+        for p in ppo for w in [[base_mean(b, lambda r: r["h2h"]["hbat"]["two-stage"]) for b in p["bases"]]])
     lines.append(f"2. **Does Hbat beat two-stage?** With DPO, every schedule tuned alike: it {v} two-stage, win "
-                 f"rate {pooled(win('hbat', 'two-stage'))} over {len(d['bases'])} bases (§2.6). With PPO it has not "
-                 "been measured under the protocol yet; the earlier studies are in "
-                 "[results-earlier.md](results-earlier.md).")
+                 f"rate {pooled(win('hbat', 'two-stage'))} over {len(d['bases'])} bases (§2.6); " + (
+                     with_ppo or "with PPO it has not been measured under the protocol yet (the earlier studies: "
+                     "[results-earlier.md](results-earlier.md))") + ".")
     others = [n for n in schedules(d) if n != "two-stage"]
     beaten = {a: [b for b in schedules(d) if b != a and verdict_of(win(a, b)) == "beats"] for a in others}
-    top = max(others, key=lambda a: len(beaten[a]))
-    lines.append(f"3. **Against the cheap alternatives?** {SHORT[top]} beats "
-                 + (", ".join(SHORT[b] for b in beaten[top]) or "no other schedule")
-                 + f" head to head ({len(beaten[top])} of {len(schedules(d)) - 1}); Hbat beats "
-                 + (", ".join(SHORT[b] for b in beaten["hbat"]) or "none") + " (§2.3, §2.6).")
+    most = max(len(b) for b in beaten.values())
+    tops = [a for a in others if len(beaten[a]) == most]
+    lines.append("3. **Against the cheap alternatives?** " + ("No schedule beats another head to head" if not most else
+                 "; ".join(f"{SHORT[a]} beats " + ", ".join(SHORT[b] for b in beaten[a]) for a in tops)
+                 + f" head to head ({most} of {len(schedules(d)) - 1}), the most of any schedule")
+                 + "; Hbat beats " + (", ".join(SHORT[b] for b in beaten["hbat"]) or "none") + " (§2.3, §2.6).")
     if d["algo"] == "dpo":
         every = [r["stages"] for b in d["bases"] for r in b["runs"]]
 
@@ -314,9 +321,11 @@ def answers(d, lighter):
         shares = [(0.7, d)] + [(x["ideal_chosen"], x) for x in lighter]
         worlds = [b["world_seed"] for b in lighter[0]["bases"]]
 
-        def on(x, n):
-            return pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in x["bases"]
-                           if b["world_seed"] in worlds and b["seeds"]])
+        seeds = lighter[0]["bases"][0]["seeds"]
+
+        def on(x, n):  # the main study restricted to the lighter studies' bases and seeds, as in the sweep table
+            return pooled([statistics.mean(r["h2h"][n]["two-stage"] for r in b["runs"] if r["seed"] in seeds)
+                           for b in x["bases"] if b["world_seed"] in worlds])
         lines.append("5. **Does the world's construction decide it?** As fewer chosen answers are the ideal one, the "
                      "win rates against the tuned two-stage on worlds " + ", ".join(map(str, worlds)) + " go: "
                      + "; ".join(f"{SHORT[n]} " + " → ".join(f"{on(x, n)} at {share:g}" for share, x in shares)
@@ -348,7 +357,7 @@ def blocks():
     if lighter and "dpo" in names:
         out["dpo-sweep"] = sweep(load("dpo"), lighter)
     if "dpo" in names:
-        out["dpo-answers"] = answers(load("dpo"), lighter)
+        out["dpo-answers"] = answers(load("dpo"), lighter, [load(n) for n in sorted(names) if n.startswith("ppo_")])
     return out
 
 
