@@ -204,6 +204,8 @@ def gathered(rt, model):
         for m in blocks:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+        if rt.fsdp and isinstance(model, FSDPModule):  # the root stays gathered after a forward without a backward:
+            model.reshard()  # shard it again, or what reads the parameters next (an EWC anchor) sees whole tensors
 
 
 class Losses(nn.Module):

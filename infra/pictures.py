@@ -19,6 +19,11 @@ def color(name):
     return COLORS.get(name.split("@")[0], "tab:pink")
 
 
+def score(m, key):
+    """A score of an evaluation; nan (not drawn) where there is none, e.g. the HPA score of real data without a judge."""
+    return m.get(key, float("nan"))
+
+
 def draw(out, results):
     """Write FILES into `out` from a run's results (results.json's dict). Returns the line the run prints about them."""
     try:
@@ -34,16 +39,16 @@ def draw(out, results):
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for label, m in (("base", start), ("SFT", sft)):
         if m:
-            ax.plot(m["hpa_score"], m["ifa_score"], "s", color=COLORS[label], label=label)
+            ax.plot(score(m, "hpa_score"), m["ifa_score"], "s", color=COLORS[label], label=label)
     for name, r in runs.items():
         path = ([start] if start else []) + [st["eval"] for st in r["stages"] if "eval" in st]
-        ax.plot([m["hpa_score"] for m in path], [m["ifa_score"] for m in path], "o-", color=color(name), ms=3,
+        ax.plot([score(m, "hpa_score") for m in path], [m["ifa_score"] for m in path], "o-", color=color(name), ms=3,
                 label=name)
-        ax.plot(path[-1]["hpa_score"], path[-1]["ifa_score"], "o", color=color(name), ms=9)
+        ax.plot(score(path[-1], "hpa_score"), path[-1]["ifa_score"], "o", color=color(name), ms=9)
     averaged = sorted((float(n.split("@")[1]), r["metrics"]) for n, r in results["schedules"].items()
                       if n.startswith("averaged@"))
     if averaged:
-        ax.plot([m["hpa_score"] for _, m in averaged], [m["ifa_score"] for _, m in averaged], "d--",
+        ax.plot([score(m, "hpa_score") for _, m in averaged], [m["ifa_score"] for _, m in averaged], "d--",
                 color=COLORS["averaged"], label="averaged (α = " + ", ".join(f"{a:g}" for a, _ in averaged) + ")")
     ax.set_xlabel("HPA score (the judge's reward)")
     ax.set_ylabel("IFA score (content)")
@@ -56,7 +61,7 @@ def draw(out, results):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in zip(axes, ("ifa_score", "hpa_score"), ("IFA score", "HPA score")):
         if sft:
-            ax.axhline(sft[key], ls="--", color=COLORS["SFT"], lw=1, label="SFT")
+            ax.axhline(score(sft, key), ls="--", color=COLORS["SFT"], lw=1, label="SFT")
         for name, r in runs.items():
             ends, step = [], 0
             for st in r["stages"]:
@@ -64,7 +69,7 @@ def draw(out, results):
                 ends.append(step)
                 ax.axvline(step, ls=":", color=color(name), lw=0.6, alpha=0.6)
             xs = ([0] if start else []) + [e for e, st in zip(ends, r["stages"]) if "eval" in st]
-            ys = ([start[key]] if start else []) + [st["eval"][key] for st in r["stages"] if "eval" in st]
+            ys = ([score(start, key)] if start else []) + [score(st["eval"], key) for st in r["stages"] if "eval" in st]
             ax.plot(xs, ys, "o-", color=color(name), ms=3, label=name)
         ax.set_xlabel("optimizer step (dotted: a stage boundary)")
         ax.set_title(title)

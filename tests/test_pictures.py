@@ -22,6 +22,15 @@ def test_a_run_draws_its_tradeoff_and_its_curves(tmp_path):
     assert all((tmp_path / f).stat().st_size > 1000 for f in pictures.FILES) and "tradeoff.png" in line
 
 
+def test_real_data_without_a_judge_has_no_hpa_score_and_still_draws(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = results()
+    for m in [r["base_metrics"]] + [st["eval"] for s in r["schedules"].values() for st in s["stages"]] + [
+            s["metrics"] for s in r["schedules"].values()]:
+        m.pop("hpa_score", None)
+    assert "pictures:" in pictures.draw(str(tmp_path), r)
+
+
 def test_without_matplotlib_a_run_says_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     line = pictures.draw(str(tmp_path), results())

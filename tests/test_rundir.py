@@ -186,16 +186,15 @@ def test_bad_data_in_a_used_out_loses_nothing(custom, tmp_path, cache, capsys):
 
 
 
-# A train.py whose evaluation fails the first time it is asked, right after the first stage was trained and saved
+# A train.py whose judging of a stage fails the first time, right after the first stage was trained and saved
 FAILING_JUDGE = """import os, sys
 sys.path.insert(0, os.getcwd())
 import train
-evaluate = train.Run.evaluate
 
-def failing(self, model, records=None):
+def failing(run, model, history):
     raise RuntimeError("the judge failed")
 
-train.Run.evaluate = failing
+train.judge_last_stage = failing
 train.main(sys.argv[1:])
 """
 
