@@ -118,7 +118,8 @@ def main(argv=None):
 
 def run_schedule(run, name, stages, n_splits, base):
     """Train one schedule from the base, resuming after its last completed stage. Returns (model, stage records,
-    (metrics, rows) of the last stage's evaluation, or None when every stage had been run before)."""
+    (metrics, rows) of the last stage's evaluation: made here, also when a re-run finds the last stage saved but not
+    yet judged; None on a rank that does not evaluate)."""
     args, rt = run.args, run.rt
     subsets = {kind: hbat.split(examples, n_splits, args.seed) for kind, examples in (("ifa", run.task.ifa),
                                                                                       ("hpa", run.task.hpa))}
@@ -168,7 +169,7 @@ def run_schedule(run, name, stages, n_splits, base):
         steps_before += steps
         history.append(record | {"seconds": time.time() - t0, "metrics": m})
         # saved before it is judged: an evaluation that fails (a long answer out of memory, a bad judge) loses no
-        # training, and the re-run judges it without retraining (below)
+        # training, and the re-run judges the stage without training it again (before this loop)
         rundir.save_schedule(rt, args.out, name, model, ewc, history, steps_before, critic,
                              sft=stage == hbat.sft_stage(args.epochs_ifa))  # the SFT model: what `averaged` starts from
         midstage.clear()
@@ -219,9 +220,9 @@ def stage_objectives(run, stage, model, subsets):
 
 def run_stage(run, name, kind, module, objectives, ewc=None, midstage=None, log=None, lam=0.5, seed=0):
     """One stage: a fresh AdamW (§2.2 step 3), then one train_step per step of hbat.steps(kind, ...) (alright's steps
-    drawn with weight lam for DPO, from `seed`), the lr warmed up and decayed over the stage; `midstage` (rundir.MidStage) saves its progress every --save-every steps and
-    resumes from it. Returns (the stage's mean metrics, its steps, the examples it trained on: repeats over epochs
-    counted, over all ranks)."""
+    drawn with weight lam for DPO, from `seed`), the lr warmed up and decayed over the stage; `midstage`
+    (rundir.MidStage) saves its progress every --save-every steps and resumes from it. Returns (the stage's mean
+    metrics, its steps, the examples it trained on: repeats over epochs counted, over all ranks)."""
     args, rt = run.args, run.rt
     n_steps = hbat.n_steps(kind, objectives)
     opt, rows, start, examples = adamw(module), [], 0, 0

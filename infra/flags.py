@@ -25,7 +25,8 @@ PRESETS = {
                   max_new_tokens=12, ifa_styled=0.0),
 }
 # docs/design-notes.md: 3 passes over the prompts, policy lr 3e-4; and 10% of the demonstrations in the style, since PPO
-# can only reinforce what it samples: with none, the SFT policy samples no styled answer at all (docs/results-earlier.md, "PPO")
+# can only reinforce what it samples: with none, the SFT policy samples no styled answer at all
+# (docs/results-earlier.md, "PPO")
 PPO_OVERRIDES = dict(epochs_hpa=3, lr_hpa=3e-4, ifa_styled=0.1)
 
 
@@ -185,7 +186,8 @@ def check_args(args, p):
     if args.save_every < 0:
         p.error(f"--save-every must be >= 0, got {args.save_every}")
     if args.alignment_tax is not None:
-        p.error("--alignment-tax is now --annotator-bias (the annotators' bias c; the alignment tax is what a run measures)")
+        p.error("--alignment-tax is now --annotator-bias (the annotators' bias c; the alignment tax is what a run "
+                "measures)")
     del args.alignment_tax
     if not 0 <= args.annotator_bias <= 1:
         p.error(f"--annotator-bias must be in [0, 1], got {args.annotator_bias}")

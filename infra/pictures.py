@@ -20,7 +20,7 @@ def color(name):
 
 
 def score(m, key):
-    """A score of an evaluation; nan (not drawn) where there is none, e.g. the HPA score of real data without a judge."""
+    """A score of an evaluation; nan (not drawn) where there is none: the HPA score of real data without a judge."""
     return m.get(key, float("nan"))
 
 

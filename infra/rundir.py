@@ -209,8 +209,9 @@ class MidStage:
         the same on every rank; `per_rank` what each rank keeps for itself (PPO: its sampling generator and the
         release's reward queue), saved for every rank with its RNG states and given back to the same rank."""
         module_state, opt_state = parallel.train_state(self.rt, module, opt)
-        ranks = parallel.gather_to_rank0(self.rt, (per_rank or {}) | {
-            "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        mine = (per_rank or {}) | {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
+        ranks = parallel.gather_to_rank0(self.rt, mine)
         self.last = progress["step"]
         if self.rt.rank == 0:
             progress = progress | {"global_step": self.steps_before + progress["step"]}  # where metrics.jsonl resumes
@@ -239,8 +240,9 @@ def mid_stage_step(out, name, stage_index):
 class Results:
     """OUT/results.json, filled as the schedules finish: every schedule's final metrics (and on the validation
     prompts val_metrics), stage records and first answers, with all its test answers in
-    OUT/<schedule>.responses.jsonl (validation answers: OUT/<schedule>.val_responses.jsonl); then the win rates against two-stage, on the test prompts (win_rates) and on the
-    validation prompts (val_win_rates). Every rank that evaluates calls `add` and `win_rates`; rank 0 writes."""
+    OUT/<schedule>.responses.jsonl (validation answers: OUT/<schedule>.val_responses.jsonl); then the win rates
+    against two-stage, on the test prompts (win_rates) and on the validation prompts (val_win_rates). Every rank
+    that evaluates calls `add` and `win_rates`; rank 0 writes."""
 
     def __init__(self, rt, out, algo, config, rm_accuracy):
         self.rt, self.out, self.answers = rt, out, {"": {}, "val_": {}}  # test, validation answers

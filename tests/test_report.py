@@ -45,7 +45,8 @@ def study(runs_per_base):
             stages = {n: [{"name": "S", "kind": "ifa", "steps": 1, "examples": 10}] for n in ("two-stage", "hbat")}
             rows.append({"seed": s, "metrics": m, "sft_metrics": m["two-stage"], "h2h": h2h, "stages": stages,
                          "averaged": {"0.5": m["averaged"]}})
-        bases.append({"world_seed": w, "seeds": list(range(len(runs))), "chosen": {n: 2 for n in knobs}, "runs_seconds": 1.0,
+        bases.append({"world_seed": w, "seeds": list(range(len(runs))), "chosen": {n: 2 for n in knobs},
+                      "runs_seconds": 1.0,
                       "val_win": {n: {"1": [0.5], "2": [0.5], "3": [0.5]} for n in knobs}, "runs": rows})
     return {"algo": "dpo", "ppo_variant": None, "ideal_chosen": None, "knobs": knobs, "bases": bases,
             "bases_left_out": []}
