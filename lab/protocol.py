@@ -110,8 +110,7 @@ def run_all(runs, jobs, quiet):
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     with ThreadPoolExecutor(jobs) as pool:
-        for _ in pool.map(one, runs):
-            pass
+        list(pool.map(one, runs))  # the first failed run raises here
 
 
 def rows(out, name, prefix=""):
@@ -134,8 +133,15 @@ def collect(args, protocol):
     """Choose every schedule's setting per base on the validation prompts, then read the test prompts (the module's
     docstring, steps 1-3). A base takes only the seeds whose runs have all finished; a base with no such seed is left
     out, and the JSON says which."""
-    bases, left_out = [], []
+    bases, left_out, cache = [], [], {}
     trained = [s for s in protocol if s != "averaged"]
+
+    def read(out):  # every run's results.json, once
+        if out not in cache:
+            with open(os.path.join(out, "results.json")) as f:
+                cache[out] = json.load(f)
+        return cache[out]
+
     for w in args.world_seeds:
         seeds = [s for s in args.seeds if all(finished(run_dir(args.root, w, s, n, v))
                                               for n in trained for v in protocol[n].settings)]
@@ -175,13 +181,13 @@ def collect(args, protocol):
                 "val_metrics": {n: res[n]["schedules"][name]["val_metrics"] for n, (_, name) in tuned.items()},
                 "sft_metrics": res["two-stage"]["schedules"]["two-stage"]["stages"][0]["eval"],
                 "h2h": {a: {b: win(test[a], test[b]) for b in protocol if b != a} for a in protocol},
-                "averaged": {f"{v:g}": read(tuned_two[s][0])["schedules"][f"averaged@{v:g}"]["metrics"]
+                "averaged": {f"{v:g}": res["two-stage"]["schedules"][f"averaged@{v:g}"]["metrics"]
                              for v in protocol["averaged"].settings},
                 "stages": {n: [{k: st[k] for k in ("name", "kind", "steps", "examples", "grad_cosine",
                                                    "grad_cosine_end") if k in st}
                                for st in res[n]["schedules"][name]["stages"]] for n, (_, name) in tuned.items()},
                 "seconds": {n: res[n]["seconds"] for n in trained}})
-        seconds = sum(read(out)["seconds"] for (n, v, s), (out, name) in models.items() if n != "averaged")
+        seconds = sum(read(out)["seconds"] for (n, _, _), (out, _) in models.items() if n != "averaged")
         bases.append({"world_seed": w, "seeds": seeds, "chosen": chosen, "runs_seconds": seconds,
                       "val_win": {n: {f"{v:g}": ws for v, ws in by.items()} for n, by in val_win.items()},
                       "runs": per_seed})
@@ -195,11 +201,6 @@ def collect(args, protocol):
 def best(by_setting, default):
     """The setting of the highest mean validation win rate; a tie goes to the default, then to the smaller."""
     return max(by_setting, key=lambda v: (statistics.mean(by_setting[v]), v == default, -v))
-
-
-def read(out):
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
 
 
 def main(argv=None):

@@ -26,19 +26,29 @@ def load(name):
         return json.load(f)
 
 
-def pooled(per_base, signed=False):
-    """'mean (lo–hi)': the mean of per-base values and its 95% t-interval over bases (the base is the unit)."""
-    fmt = "{:+.3f}" if signed else "{:.3f}"
+def ci(per_base):
+    """(mean, lo, hi): the mean of per-base values and its 95% t-interval over bases (infinite with one base)."""
     m = statistics.mean(per_base)
-    if len(per_base) < 2:
-        return fmt.format(m)
-    half = T95[min(len(per_base), 11) - 2] * statistics.stdev(per_base) / len(per_base) ** 0.5
-    return f"{fmt.format(m)} ({fmt.format(m - half)} to {fmt.format(m + half)})"
+    half = T95[min(len(per_base), 11) - 2] * statistics.stdev(per_base) / len(per_base) ** 0.5 if len(per_base) > 1 \
+        else float("inf")
+    return m, m - half, m + half
+
+
+def pooled(per_base, signed=False):
+    """'mean (lo to hi)': the mean of per-base values and its 95% t-interval over bases (the base is the unit)."""
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    m, lo, hi = ci(per_base)
+    return fmt.format(m) if len(per_base) < 2 else f"{fmt.format(m)} ({fmt.format(lo)} to {fmt.format(hi)})"
 
 
 def base_mean(base, f):
     """The mean over a base's seeds of f(run)."""
     return statistics.mean(f(run) for run in base["runs"])
+
+
+def over_bases(d, f):
+    """The mean over bases of each base's mean of f(run): a pooled score."""
+    return statistics.mean(base_mean(b, f) for b in d["bases"])
 
 
 def schedules(d):
@@ -87,12 +97,10 @@ def test_table(d):
     lines = ["| schedule | IFA score | HPA score | styled | win rate vs two-stage, per base | pooled over bases "
              "(95% CI) | examples trained on |", "|---|---|---|---|---|---|---|"]
     for label, get, _ in rows:
-        m = {k: statistics.mean(base_mean(b, lambda r: get(r)[k]) for b in d["bases"])
-             for k in ("ifa_score", "hpa_score", "styled")}
+        m = {k: over_bases(d, lambda r: get(r)[k]) for k in ("ifa_score", "hpa_score", "styled")}
         lines.append(f"| {label} | {m['ifa_score']:.3f} | {m['hpa_score']:.3f} | {m['styled']:.3f} | | | |")
     for n in schedules(d):
-        m = {k: statistics.mean(base_mean(b, lambda r: r["metrics"][n][k]) for b in d["bases"])
-             for k in ("ifa_score", "hpa_score", "styled")}
+        m = {k: over_bases(d, lambda r: r["metrics"][n][k]) for k in ("ifa_score", "hpa_score", "styled")}
         examples = {sum(st["examples"] for st in r["stages"][n]) for b in d["bases"] for r in b["runs"]}
         if n == "two-stage":
             win = "| |"
@@ -174,8 +182,7 @@ def sweep(main, lighter):
              + " | chosen settings (two-stage first) |", "|---|" + "---|" * (len(names) + 2)]
     for d in studies:
         share = 0.7 if d["ideal_chosen"] is None else d["ideal_chosen"]
-        two = {k: statistics.mean(base_mean(b, lambda r: r["metrics"]["two-stage"][k]) for b in d["bases"])
-               for k in ("ifa_score", "hpa_score")}
+        two = {k: over_bases(d, lambda r: r["metrics"]["two-stage"][k]) for k in ("ifa_score", "hpa_score")}
         cells = [f"{two['ifa_score']:.3f} / {two['hpa_score']:.3f}"] + [
             pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]]) for n in names]
         chosen = "; ".join(" ".join(f"{b['chosen'][n]:g}" for n in schedules(d)) for b in d["bases"])
@@ -185,14 +192,6 @@ def sweep(main, lighter):
               "every schedule tuned again at each share (at 0.7, the main study's settings, chosen on the "
               "validation answers of all its seeds)."]
     return "\n".join(lines)
-
-
-def ci(per_base):
-    """(mean, lo, hi) of the 95% t-interval over bases."""
-    m = statistics.mean(per_base)
-    half = T95[min(len(per_base), 11) - 2] * statistics.stdev(per_base) / len(per_base) ** 0.5 if len(per_base) > 1 \
-        else float("inf")
-    return m, m - half, m + half
 
 
 def verdict_of(per_base):
@@ -205,8 +204,8 @@ def verdicts(d):
     """The verdicts the measurements carry, as sentences: every head-to-head classified by its interval over bases,
     the alignment tax, and whether every schedule trained on the same examples."""
     names = schedules(d)
-    ifa = {n: statistics.mean(base_mean(b, lambda r: r["metrics"][n]["ifa_score"]) for b in d["bases"]) for n in names}
-    sft = statistics.mean(base_mean(b, lambda r: r["sft_metrics"]["ifa_score"]) for b in d["bases"])
+    ifa = {n: over_bases(d, lambda r: r["metrics"][n]["ifa_score"]) for n in names}
+    sft = over_bases(d, lambda r: r["sft_metrics"]["ifa_score"])
     lines = [f"- **The alignment tax**: the SFT model's IFA score is {sft:.3f}; the tuned two-stage ends at "
              f"{ifa['two-stage']:.3f}."]
     for a in names:
@@ -236,12 +235,10 @@ def readme(d):
     then the verdicts."""
     lines = [f"{header(d)}:", "", "| schedule | knob: setting chosen per base | IFA score | HPA score | win rate vs "
              "two-stage, pooled over bases (95% CI) |", "|---|---|---|---|---|"]
-    sft = {k: statistics.mean(base_mean(b, lambda r: r["sft_metrics"][k]) for b in d["bases"])
-           for k in ("ifa_score", "hpa_score")}
+    sft = {k: over_bases(d, lambda r: r["sft_metrics"][k]) for k in ("ifa_score", "hpa_score")}
     lines.append(f"| SFT | | {sft['ifa_score']:.3f} | {sft['hpa_score']:.3f} | |")
     for n, k in d["knobs"].items():
-        m = {key: statistics.mean(base_mean(b, lambda r: r["metrics"][n][key]) for b in d["bases"])
-             for key in ("ifa_score", "hpa_score")}
+        m = {key: over_bases(d, lambda r: r["metrics"][n][key]) for key in ("ifa_score", "hpa_score")}
         win = "" if n == "two-stage" else pooled([base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]])
         chosen = " ".join(f"{b['chosen'][n]:g}" for b in d["bases"])
         lines.append(f"| {SHORT[n]} | {k['name'].split(' (')[0]}: {chosen} | {m['ifa_score']:.3f} "

@@ -26,6 +26,7 @@ import sys
 
 import world
 from infra import pictures
+from lab import report
 from infra.flags import get_args
 
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -95,17 +96,13 @@ def mean_std(xs):
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # two-sided 95% t, df = 1..10
-
-
 def interval(xs):
     """The 95% t-interval of the mean of xs (seeds are few: a normal interval would be too narrow)."""
     xs = [x for x in xs if x is not None]
     if len(xs) < 2:
         return "-"
-    t = T95[min(len(xs), 11) - 2]  # beyond 11 seeds t(df = 10): slightly wider than the exact interval
-    half = t * statistics.stdev(xs) / len(xs) ** 0.5
-    return f"{statistics.mean(xs) - half:.2f} to {statistics.mean(xs) + half:.2f}"
+    _, lo, hi = report.ci(xs)  # beyond 11 seeds t(df = 10): slightly wider than the exact interval
+    return f"{lo:.2f} to {hi:.2f}"
 
 
 def total_weights(res, schedule="hbat"):
