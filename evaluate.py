@@ -148,7 +148,7 @@ def load_judge(path, tok, max_seq_len, device):
     """`--judge PATH`: a saved reward model (e.g. OUT/reward_model.pt of a PPO run)."""
     try:
         rm = reward.RewardModel.from_pretrained(path)
-    except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError):  # not a torch file, or not a reward model
+    except (RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError):  # not a model file, or not an RM
         raise ValueError(f"--judge {path}: not a reward model (such as "
                          f"OUT/reward_model.pt of a --algo ppo run)") from None
     return RewardModelJudge(rm.to(device).eval().requires_grad_(False), tok, max_seq_len)
@@ -199,4 +199,7 @@ def table(results):
     lines += [""] + [f"  {c}: {LEGEND[c]}" for c in cols + ["tax", "win vs 2-stage"]]
     if results["config"].get("preset") == "smoke":
         lines.append("  --preset smoke: a model and data this small show that the pipeline runs, not what it learns")
+    elif results["config"].get("preset") == "lesson":
+        lines.append("  --preset lesson: one small run on one seed shows the tax; which schedule is better is the "
+                     "study's to say (docs/results.md)")
     return "\n".join(lines)

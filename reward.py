@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import pair_values
+from infra import checkpoint
 from model import ModelArgs, Transformer
 
 
@@ -51,10 +52,10 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, path):
         """Load a reward model saved in our model-file layout (infra/checkpoint.py `save`: trunk, head and offset; on
         the CPU: move it with .to(device))."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        params, state = checkpoint.load(path)
         with torch.device("meta"):  # no random init for weights that are about to be replaced
-            rm = cls(Transformer(ModelArgs(**ckpt["model_args"])))
-        rm.load_state_dict(ckpt["model"], assign=True)
+            rm = cls(Transformer(ModelArgs(**params)))
+        rm.load_state_dict(state, assign=True)
         return rm
 
 

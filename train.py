@@ -126,11 +126,9 @@ def run_schedule(run, name, stages, n_splits, base):
     ewc = EWC(method=args.ewc, f_max=args.f_max, f_max_ifa=args.f_max_ifa, lam=args.ewc_lambda, norm=args.ewc_norm,
               scale=args.ewc_scale, elementwise=args.ewc_elementwise, seed=args.seed) if any(
         s.ewc for s in stages) else None
-    model, critic = parallel.place(rt, prepare.on_meta(base.args), base.state_dict()), None  # the critic is carried
-    history, steps_before, critic_state = rundir.restore_schedule(rt, args.out, name, model, ewc)  # across HPA stages
-    if critic_state:
-        critic = prepare.critic(rt, run.rm)
-        parallel.load_full_state(rt, critic, critic_state)
+    model = parallel.place(rt, prepare.on_meta(base.args), base.state_dict())
+    history, steps_before, critic = rundir.restore_schedule(rt, args.out, name, model, ewc,  # the critic is carried
+                                                            lambda: prepare.critic(rt, run.rm))  # across HPA stages
     probes = ([ex[:2] for ex in run.task.ifa[:args.grad_probe]], [ex[:3] for ex in run.task.hpa[:args.grad_probe]])
     ppo_cfg = flags.ppo_config(args, rt.world) if args.algo == "ppo" else None
     last_eval = None

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,9 +85,39 @@ def _torch_load(file: Path):
 
 def _load_ours(file: Path):
     ckpt = _torch_load(file)
+    if isinstance(ckpt, dict) and {"model_args", "shards"} <= ckpt.keys():  # written under --fsdp: see save_sharded
+        return ckpt["model_args"], load_sharded(file.parent / ckpt["shards"], "model")
     if not (isinstance(ckpt, dict) and {"model_args", "model"} <= ckpt.keys()):
         raise ValueError(f"{file} is not a save_checkpoint file (it needs the keys model_args and model)")
     return ckpt["model_args"], ckpt["model"]
+
+
+def save_sharded(params: dict, shards: str, path, **extra) -> None:
+    """Our format for a model whose weights are in a sharded checkpoint (--fsdp, parallel.save_shards): path holds
+    {"model_args", "shards": the directory's name, beside path, **extra}, and `load` reads the weights whole from
+    the directory. Written after the directory is complete, so path always names a whole one."""
+    atomic_save({"model_args": params, "shards": shards, **extra}, path)
+
+
+def load_sharded(directory, part) -> dict[str, torch.Tensor]:
+    """The whole state dict of `part` ("model", "critic") of a sharded checkpoint, on the CPU in one process (no
+    process group): what sample.py and from_pretrained read of a run made under --fsdp."""
+    import torch.distributed.checkpoint as dcp  # here: every other format needs no torch.distributed
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    try:
+        reader = dcp.FileSystemReader(str(directory))
+        meta = reader.read_metadata().state_dict_metadata
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{directory}: not a readable sharded checkpoint ({str(e).splitlines()[0]})") from None
+    prefix = f"{part}.module."
+    state = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not state:
+        raise ValueError(f"{directory} holds no {part!r} weights")
+    with warnings.catch_warnings():  # that it runs in one process, without a process group, is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({part: {"module": state}}, storage_reader=reader, no_dist=True)
+    return state
 
 
 def _load_meta(d: Path):

@@ -12,6 +12,7 @@ losses), grad_sync and clip_grad_norm. Under --fsdp only rank 0 reads a model fi
 it on the meta device and `place` gives them their shards from rank 0's copy, so a node holds one copy of the
 weights in host memory, not one per rank.
 """
+import ctypes
 import itertools
 import os
 from contextlib import contextmanager, nullcontext
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
@@ -60,8 +62,22 @@ def setup(device="auto", dtype="auto", fsdp=False, compile=False, activation_che
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             device = f"cuda:{os.environ['LOCAL_RANK']}"
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if fsdp:
+        return_freed_memory()
     bf16 = dtype == "bf16" or (dtype == "auto" and device.startswith("cuda"))
     return Runtime(device, rank, world, fsdp, bf16, compile, activation_checkpointing)
+
+
+def return_freed_memory():
+    """Have glibc give freed blocks of 64 KiB and more back to the system at once (mallopt M_MMAP_THRESHOLD, as the
+    environment variable MALLOC_MMAP_THRESHOLD_=65536 would). Under FSDP each rank briefly holds whole tensors (rank
+    0 the checkpoint it reads, every rank the blocks it gathers); by default glibc keeps that freed memory for reuse,
+    and each rank's resident set stays about two copies of the weights above what it holds (docs/performance.md,
+    "Host memory"). No-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def teardown(rt):
@@ -189,6 +205,37 @@ def load_train_state(rt, module, opt, module_state, opt_state):
     else:
         module.load_state_dict(module_state)
         opt.load_state_dict(opt_state)
+
+
+def save_shards(path, parts):
+    """Under FSDP, a checkpoint in which every rank writes only its own shards (torch.distributed.checkpoint: one
+    file per rank and a .metadata in directory `path`), so that saving takes no rank more host memory than its
+    shards. parts: {name: module or (module, optimizer)}. Every rank calls this."""
+    dcp.save({name: _shards(*(part if isinstance(part, tuple) else (part,))) for name, part in parts.items()},
+             checkpoint_id=path)
+
+
+def load_shards(path, parts):
+    """The inverse of save_shards, into placed modules (and fresh optimizers): every rank reads its own shards.
+    Every rank calls this."""
+    parts = {name: part if isinstance(part, tuple) else (part, None) for name, part in parts.items()}
+    state = {name: _shards(module, opt) for name, (module, opt) in parts.items()}
+    # partial: a fresh AdamW holds state for every parameter, a saved one only for those that had a gradient
+    dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    for name, (module, opt) in parts.items():
+        if opt is None:
+            set_model_state_dict(module, state[name]["module"])
+        else:
+            set_state_dict(module, opt, model_state_dict=state[name]["module"],
+                           optim_state_dict=state[name]["optimizer"], options=StateDictOptions(strict=False))
+
+
+def _shards(module, opt=None):
+    """This rank's shards (DTensors) of a module's state_dict and of its optimizer's, keyed by parameter name."""
+    if opt is None:
+        return {"module": get_model_state_dict(module)}
+    module_state, opt_state = get_state_dict(module, opt)
+    return {"module": module_state, "optimizer": opt_state}
 
 
 @contextmanager

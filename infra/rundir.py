@@ -9,12 +9,14 @@
     OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/formats.md §4)
     OUT/<schedule>.responses.jsonl, OUT/<schedule>-hf/   the held-out answers; the Hugging Face export
     OUT/<schedule>.val_responses.jsonl                   the answers to the validation prompts
+    OUT/*.dcp/                   under --fsdp: the sharded weights (and AdamW state) a .pt file names (`shards`)
 
 Every file is written atomically (checkpoint.atomic_write), so a kill leaves each whole, old or new. Only rank 0
 writes; every function here is called by every rank, so that the barriers line up.
 """
 import json
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
@@ -45,6 +47,7 @@ def check_out_dir(out, config, overwrite, rt):
             for name in os.listdir(out):
                 if name.endswith((".pt", ".jsonl", ".json")):
                     os.remove(os.path.join(out, name))
+            remove_shards(out, "")
     if rt.rank == 0:
         os.makedirs(out, exist_ok=True)
         save_json(path, config)
@@ -107,10 +110,18 @@ def model_path(out, name):
 
 def save_model(rt, path, module, midstage=None):
     """A trained model in the one model-file layout (the tiny base, the SFT model, the reward model), then its stage's
-    mid-stage file is spent. Every rank calls this (FSDP gathers the weights); rank 0 writes."""
-    state = parallel.full_state(rt, module)
-    if rt.rank == 0:
-        checkpoint.save(asdict(module.args), state, path)
+    mid-stage file is spent. Every rank calls this; rank 0 writes the file. Under --fsdp the weights go, shard by
+    shard from every rank, to a directory beside it (<path without .pt>.dcp), which the file names."""
+    if rt.fsdp:
+        shards = os.path.basename(path).removesuffix(".pt") + ".dcp"
+        parallel.save_shards(os.path.join(os.path.dirname(path), shards), {"model": module})
+        parallel.barrier(rt)  # every rank's shards are on disk before the file that names them
+        if rt.rank == 0:
+            checkpoint.save_sharded(asdict(module.args), shards, path)
+    else:
+        state = parallel.full_state(rt, module)
+        if rt.rank == 0:
+            checkpoint.save(asdict(module.args), state, path)
     if midstage is not None:
         midstage.clear()
     parallel.barrier(rt)
@@ -126,31 +137,65 @@ def completed_stages(out, names):
                                                                              ("reward", "reward_model.pt"))}
 
 
-def restore_schedule(rt, out, name, model, ewc):
-    """Load a schedule's checkpoint, if it has one, into the placed model and the EWC state. Returns (its stage
-    records, the optimizer steps taken, PPO's critic's state or None); ([], 0, None) without a checkpoint."""
+def restore_schedule(rt, out, name, model, ewc, make_critic):
+    """Load a schedule's checkpoint, if it has one, into the placed model and the EWC state, and PPO's critic into
+    make_critic() if it saved one. Returns (its stage records, the optimizer steps taken, the critic or None);
+    ([], 0, None) without a checkpoint. A checkpoint written under --fsdp is read shard by shard: every rank reads
+    its own (whole, if this run is not sharded)."""
     path = model_path(out, name)
     if not os.path.exists(path):
         return [], 0, None
-    saved = torch.load(path, map_location="cpu" if rt.fsdp else rt.device, weights_only=True)
-    parallel.load_full_state(rt, model, saved["model"])
+    saved = torch.load(path, map_location="cpu" if rt.fsdp else rt.device, weights_only=True, mmap=rt.fsdp)
+    critic = make_critic() if saved.get("critic") is not None else None
+    if "shards" in saved:  # critic: True
+        shards = os.path.join(out, saved["shards"])
+        if rt.fsdp:
+            parallel.load_shards(shards, {"model": model} | ({"critic": critic} if critic else {}))
+        else:
+            model.load_state_dict(checkpoint.load_sharded(shards, "model"))
+            if critic is not None:
+                critic.load_state_dict(checkpoint.load_sharded(shards, "critic"))
+    else:
+        parallel.load_full_state(rt, model, saved["model"])
+        if critic is not None:
+            parallel.load_full_state(rt, critic, saved["critic"])
     if ewc is not None:
         ewc.load_state_dict(saved["ewc"])
-    return saved["history"], saved["steps"], saved.get("critic")
+    return saved["history"], saved["steps"], critic
 
 
 def save_schedule(rt, out, name, model, ewc, history, steps, critic=None, sft=False):
     """After every stage: what resuming needs, the weights, the EWC accumulators, the stage records, the optimizer
     steps taken and PPO's critic (every stage restarts AdamW and draws its randomness from its own seed); with `sft`
-    (the stage is hbat.sft_stage) the weights also as OUT/sft.pt, unless it exists. Every rank calls this (FSDP
-    gathers); rank 0 writes."""
-    state = parallel.full_state(rt, model)
-    critic_state = parallel.full_state(rt, critic) if critic is not None else None
-    if rt.rank == 0:
-        checkpoint.save(asdict(model.args), state, model_path(out, name), ewc=ewc.state_dict() if ewc else {},
-                        history=history, steps=steps, critic=critic_state)
-        if sft and not os.path.exists(model_path(out, "sft")):
-            checkpoint.save(asdict(model.args), state, model_path(out, "sft"))
+    (the stage is hbat.sft_stage) the weights also as OUT/sft.pt, unless it exists. Every rank calls this. Under
+    --fsdp the weights go to OUT/<name>.stage<k>.dcp/, each rank writing its own shards (parallel.save_shards), and
+    OUT/<name>.pt names that directory; otherwise rank 0 writes them into OUT/<name>.pt."""
+    extra = dict(ewc=ewc.state_dict() if ewc else {}, history=history, steps=steps)
+    # decided before anything is written, the same on every rank (a schedule named "sft" is OUT/sft.pt already)
+    copy_sft = sft and name != "sft" and not os.path.exists(model_path(out, "sft"))
+    if rt.fsdp:
+        shards = f"{name}.stage{len(history)}.dcp"
+        parallel.save_shards(os.path.join(out, shards), {"model": model} | ({"critic": critic} if critic else {}))
+        parallel.barrier(rt)  # every rank's shards are on disk before the file that names them
+        if rt.rank == 0:
+            checkpoint.save_sharded(asdict(model.args), shards, model_path(out, name), **extra,
+                                    critic=True if critic is not None else None)
+            remove_shards(out, f"{name}.stage", keep=shards)
+    else:
+        state = parallel.full_state(rt, model)
+        critic_state = parallel.full_state(rt, critic) if critic is not None else None
+        if rt.rank == 0:
+            checkpoint.save(asdict(model.args), state, model_path(out, name), **extra, critic=critic_state)
+    if copy_sft:
+        save_model(rt, model_path(out, "sft"), model)
+
+
+def remove_shards(out, prefix, keep=None):
+    """Remove the sharded-checkpoint directories OUT/<prefix>*.dcp but `keep`: ones an older save left, or one a
+    kill left half written (rank 0 only)."""
+    for entry in os.listdir(out):
+        if entry.startswith(prefix) and entry.endswith(".dcp") and entry != keep:
+            shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
 
 
 class MidStage:
@@ -160,8 +205,8 @@ class MidStage:
     the critic it started with); `restore` then loads what only the stage's own steps changed: the weights (PPO: and
     the critic's), AdamW's state, and the loop's `progress` (its step, its metric rows, where it is in the data), and
     for every rank what that rank alone holds: its RNG states and, under PPO, its sampling generator, KL coefficient
-    and the release's reward queue. Written atomically by rank 0; under FSDP every rank takes part in
-    gathering it."""
+    and the release's reward queue. Written atomically by rank 0; under FSDP each rank writes its own shards of the
+    weights and AdamW's state beside it (`save`)."""
 
     def __init__(self, out, schedule, stage_index, steps_before, every, rt):
         self.path, self.schedule = os.path.join(out, f"{schedule}.step.pt"), schedule
@@ -171,7 +216,7 @@ class MidStage:
     def _read(self):
         if not os.path.exists(self.path):
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         return state if state["stage_index"] == self.stage_index else None  # else left by an earlier stage
 
     def restore(self, module, opt, name):
@@ -186,7 +231,13 @@ class MidStage:
         if len(state["ranks"]) != self.rt.world:
             raise ValueError(f"{self.path} was saved by {len(state['ranks'])} processes, this run has {self.rt.world}: "
                              "resume it with as many, or remove the file to restart the stage")
-        parallel.load_train_state(self.rt, module, opt, state["module"], state["optimizer"])
+        if "shards" in state and not self.rt.fsdp:
+            raise ValueError(f"{self.path} was saved under --fsdp: resume it with --fsdp, or remove the file to "
+                             "restart the stage")
+        if "shards" in state:
+            parallel.load_shards(os.path.join(os.path.dirname(self.path), state["shards"]), {"train": (module, opt)})
+        else:
+            parallel.load_train_state(self.rt, module, opt, state["module"], state["optimizer"])
         mine = dict(state["ranks"][self.rt.rank])
         torch.set_rng_state(mine.pop("rng"))
         cuda_rng = mine.pop("cuda_rng")
@@ -205,23 +256,34 @@ class MidStage:
         return bool(self.every) and step - self.last >= self.every
 
     def save(self, module, opt, progress, per_rank=None):
-        """Every rank calls this (FSDP gathers the weights and AdamW's state); rank 0 writes. `progress` is the loop's,
-        the same on every rank; `per_rank` what each rank keeps for itself (PPO: its sampling generator and the
-        release's reward queue), saved for every rank with its RNG states and given back to the same rank."""
-        module_state, opt_state = parallel.train_state(self.rt, module, opt)
+        """Every rank calls this; rank 0 writes the file. `progress` is the loop's, the same on every rank;
+        `per_rank` what each rank keeps for itself (PPO: its sampling generator and the release's reward queue),
+        saved for every rank with its RNG states and given back to the same rank. The weights and AdamW's state go
+        into the file, or under --fsdp into OUT/<schedule>.step<global step>.dcp/, each rank writing its own shards,
+        which the file names once they are complete."""
+        progress = progress | {"global_step": self.steps_before + progress["step"]}  # where metrics.jsonl resumes
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         mine = (per_rank or {}) | {"rng": torch.get_rng_state(), "cuda_rng": cuda_rng}
-        ranks = parallel.gather_to_rank0(self.rt, mine)
+        if self.rt.fsdp:
+            shards = f"{self.schedule}.step{progress['global_step']}.dcp"
+            parallel.save_shards(os.path.join(os.path.dirname(self.path), shards), {"train": (module, opt)})
+            train = {"shards": shards}
+        else:
+            module_state, opt_state = parallel.train_state(self.rt, module, opt)
+            train = {"module": module_state, "optimizer": opt_state}
+        ranks = parallel.gather_to_rank0(self.rt, mine)  # also a barrier: every rank's shards are written
         self.last = progress["step"]
         if self.rt.rank == 0:
-            progress = progress | {"global_step": self.steps_before + progress["step"]}  # where metrics.jsonl resumes
-            checkpoint.atomic_save({"stage_index": self.stage_index, "module": module_state, "optimizer": opt_state,
-                                    "progress": progress, "ranks": ranks}, self.path)
+            checkpoint.atomic_save({"stage_index": self.stage_index, "progress": progress, "ranks": ranks, **train},
+                                   self.path)
+            remove_shards(os.path.dirname(self.path), f"{self.schedule}.step", keep=train.get("shards"))
 
     def clear(self):
-        """After the stage's boundary checkpoint is written: its progress file is spent."""
-        if self.rt.rank == 0 and os.path.exists(self.path):
-            os.remove(self.path)
+        """After the stage's boundary checkpoint is written: its progress is spent."""
+        if self.rt.rank == 0:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            remove_shards(os.path.dirname(self.path), f"{self.schedule}.step")
 
 
 def mid_stage_step(out, name, stage_index):

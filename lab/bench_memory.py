@@ -4,10 +4,13 @@
     python -m lab.bench_memory                          # a random 94M-parameter HF checkpoint, DPO, 1 2 4 procs
     python -m lab.bench_memory --procs 1 2 --algo ppo   # PPO also loads the SFT model and the reward model
     python -m lab.bench_memory --repo ../old-checkout   # the same measurement of another checkout's train.py
+    python -m lab.bench_memory --procs 2 4 --resume     # also: killed inside its first stage, then resumed
 
 Each process costs its interpreter (`import torch` and train.py's modules, measured here too) plus what it holds of
 the weights; the figure to read is what one more rank adds above its interpreter, in copies of the fp32 weights.
-The checkpoint, tokenizer and data are written to a temporary directory first (not timed, not counted).
+The checkpoint, tokenizer and data are written to a temporary directory first (not timed, not counted). With
+--resume each run is then killed (its workers too) once it has saved its first stage's progress (--save-every 2),
+and re-run: the resumed run's peak, to its first optimizer step after the saved one, is the second figure.
 """
 import argparse
 import json
@@ -64,14 +67,38 @@ def peak_until(cmd, cwd, env, done, timeout):
     return peak
 
 
-def first_step(out):
+def first_step(out, after=-1):
+    """done() for peak_until: metrics.jsonl has a training row of two-stage past step `after`."""
     def done():
         path = os.path.join(out, "metrics.jsonl")
         if not os.path.exists(path):
             return False
         with open(path) as f:
-            return any('"loss"' in line and '"two-stage"' in line for line in f)
+            rows = [json.loads(line) for line in f if '"loss"' in line and '"two-stage"' in line]
+        return any(r["step"] > after for r in rows)
     return done
+
+
+def killed_after_a_save(cmd, cwd, env, out, timeout):
+    """Run cmd until two-stage's first mid-stage file exists, SIGKILL the process group (torchrun and its workers),
+    and cut metrics.jsonl back to the saved step, as the resumed run will. Returns that step."""
+    path = os.path.join(out, "two-stage.step.pt")
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + timeout
+    while p.poll() is None and not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(p.pid, 9)
+    p.wait()
+    if not os.path.exists(path):
+        sys.exit("bench_memory.py: the run saved no mid-stage progress")
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["progress"]["global_step"]
+    rows = os.path.join(out, "metrics.jsonl")
+    with open(rows) as f:
+        kept = [line for line in f if json.loads(line).get("step", -1) < step]
+    with open(rows, "w") as f:
+        f.writelines(kept)
+    return step
 
 
 def main():
@@ -83,6 +110,7 @@ def main():
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--n-layers", type=int, default=7)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--resume", action="store_true", help="also measure each run resumed inside its first stage")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_memory_")
     try:
@@ -110,10 +138,10 @@ def main():
                           tmp, env | {"PYTHONPATH": args.repo}, lambda: os.path.exists(os.path.join(tmp, "ready")), 120)
         print(f"model: {n_params / 1e6:.1f}M parameters, {copy_gb:.2f} GB in fp32; one interpreter "
               f"(import torch + train.py): {base / 1e9:.2f} GB; {args.algo}, --fsdp, run from {args.repo}")
-        print("| processes | peak RSS, all processes (GB) | per extra rank above its interpreter (GB) | "
+        print("| processes | run | peak RSS, all processes (GB) | per extra rank above its interpreter (GB) | "
               "in copies of the weights |")
-        print("|---|---|---|---|")
-        first = None
+        print("|---|---|---|---|---|")
+        first = {}
         for n in args.procs:
             out = os.path.join(tmp, f"out{n}")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
@@ -122,11 +150,18 @@ def main():
                    "--batch-size", "8", "--rollout-batch", "8", "--minibatch", "8", "--epochs-ifa", "1",
                    "--epochs-hpa", "1", "--rm-epochs", "1", "--max-seq-len", "64", "--max-new-tokens", "8",
                    "--n-test", "8", "--device", "cpu", "--out", out]
-            peak = peak_until(cmd, args.repo, env, first_step(out), args.timeout)
-            first = (n, peak) if first is None else first
-            extra = (peak - first[1]) / (n - first[0]) - base if n > first[0] else None
-            print(f"| {n} | {peak / 1e9:.2f} | " + ("-" if extra is None else f"{extra / 1e9:.2f}") + " | "
-                  + ("-" if extra is None else f"{extra / 1e9 / copy_gb:.2f}") + " |", flush=True)
+            peaks = {"fresh": peak_until(cmd, args.repo, env, first_step(out), args.timeout)}
+            if args.resume:
+                shutil.rmtree(out)
+                cmd += ["--save-every", "2"]
+                saved = killed_after_a_save(cmd, args.repo, env, out, args.timeout)
+                peaks["resumed"] = peak_until(cmd, args.repo, env, first_step(out, saved), args.timeout)
+            for run, peak in peaks.items():
+                first.setdefault(run, (n, peak))
+                (n0, peak0) = first[run]
+                extra = (peak - peak0) / (n - n0) - base if n > n0 else None
+                print(f"| {n} | {run} | {peak / 1e9:.2f} | " + ("-" if extra is None else f"{extra / 1e9:.2f}")
+                      + " | " + ("-" if extra is None else f"{extra / 1e9 / copy_gb:.2f}") + " |", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """
-The numbers of README.md and docs/results.md, from the committed result files of lab.protocol.
+The numbers of README.md, docs/results.md and docs/lesson.md, from the committed result files of lab.protocol (and
+the lesson's runs, results/lesson/<name>.json: the results.json of `train.py ... --out lesson/<name>`).
 
     python -m lab.report            # rewrite every generated block of README.md and docs/results.md
     python -m lab.report --check    # exit 1 if a generated block differs from what the result files give
@@ -14,6 +15,8 @@ import os
 import re
 import statistics
 import sys
+
+import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # two-sided 95% t, df = 1..10
@@ -355,11 +358,16 @@ def blocks():
         out["dpo-sweep"] = sweep(load("dpo"), lighter)
     if "dpo" in names:
         out["dpo-answers"] = answers(load("dpo"), lighter, [load(n) for n in sorted(names) if n.startswith("ppo_")])
+    lessons = os.path.join(ROOT, "results", "lesson")
+    for f in sorted(os.listdir(lessons)) if os.path.isdir(lessons) else []:
+        if f.endswith(".json"):  # docs/lesson.md's tables: each lesson command's own, from its results.json
+            with open(os.path.join(lessons, f)) as fh:
+                out[f"lesson-{f[:-5]}"] = "```\n" + evaluate.table(json.load(fh)) + "\n```"
     return out
 
 
 BLOCK = re.compile(r"(<!-- lab\.report (\S+) -->\n)(.*?)(<!-- /lab\.report -->)", re.S)
-DOCUMENTS = ("README.md", os.path.join("docs", "results.md"))
+DOCUMENTS = ("README.md", os.path.join("docs", "results.md"), os.path.join("docs", "lesson.md"))
 
 
 def fill(text, generated):

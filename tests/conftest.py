@@ -140,7 +140,8 @@ def comparable(results):
 
 
 def final_state(out, names=("two-stage", "hbat")):
-    return {name: torch.load(out / f"{name}.pt", weights_only=True)["model"] for name in names}
+    """Each schedule's final weights, from either layout (under --fsdp: its sharded checkpoint)."""
+    return {name: checkpoint.load(out / f"{name}.pt")[1] for name in names}
 
 
 @pytest.fixture(scope="session")

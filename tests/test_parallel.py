@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import ENV, HBAT_STAGES, HH, TORCHRUN, ok, read_json, read_rows, train
+from conftest import ALGOS, ENV, HBAT_STAGES, HH, TORCHRUN, ok, read_json, read_rows, train
+from infra import checkpoint
 from model import Transformer
 
 
@@ -41,8 +42,8 @@ def test_fsdp_takes_the_same_steps_as_ddp(algo, torchrun_run):
     for how in ("ddp", "fsdp"):
         out, _ = torchrun_run(algo, how)
         rows = [r for r in read_rows(out / "metrics.jsonl") if r["schedule"] != "base"]  # pretrained once, cached
-        runs[how] = (rows, {name: torch.load(out / f"{name}.pt", weights_only=True)
-                                                         for name in ("two-stage", "hbat")})
+        runs[how] = (rows, {name: torch.load(out / f"{name}.pt", weights_only=True) | {
+            "model": checkpoint.load(out / f"{name}.pt")[1]} for name in ("two-stage", "hbat")})
     (rows_ddp, ckpt_ddp), (rows_fsdp, ckpt_fsdp) = runs["ddp"], runs["fsdp"]
     assert [(r["schedule"], r["stage"], r["step"]) for r in rows_ddp] == \
         [(r["schedule"], r["stage"], r["step"]) for r in rows_fsdp]
@@ -60,10 +61,29 @@ def test_fsdp_takes_the_same_steps_as_ddp(algo, torchrun_run):
             assert got == pytest.approx([st["grad_cosine"] for st in ckpt_ddp[name]["history"]], abs=1e-4), name
     for name in ckpt_ddp:
         a, b = ckpt_ddp[name]["model"], ckpt_fsdp[name]["model"]
-        assert a.keys() == b.keys()  # saved whole, in the same layout: either run resumes the other's checkpoints
+        assert a.keys() == b.keys()  # the same names, whole (FSDP's sharded checkpoint read in one process)
         # Adam turns rounding noise on a ~0 gradient into a step of about ±lr (1e-3): allow that on a few weights
         diff = torch.cat([(b[k] - a[k]).abs().flatten() for k in a])
         assert (diff > 1e-3).float().mean() < 1e-3 and diff.max() < 1e-2, (name, (diff > 1e-3).sum(), diff.max())
+
+
+def test_a_run_without_fsdp_resumes_the_sharded_checkpoints_of_an_fsdp_run(torchrun_run, tmp_path, cache):
+    """A finished torchrun --fsdp run's folder, its results removed, re-run by one process without --fsdp: every
+    schedule is read back from its sharded checkpoint (each rank's shards, put together), nothing is trained again,
+    and the re-evaluated models score as the sharded run's did."""
+    fsdp_out, _ = torchrun_run("dpo", "fsdp")
+    out = tmp_path / "out"
+    shutil.copytree(fsdp_out, out)
+    (out / "results.json").unlink()
+    before = read_rows(out / "metrics.jsonl")
+    ok(train(*ALGOS["dpo"], out=out, cache=cache))
+    assert read_rows(out / "metrics.jsonl") == before  # not a step taken
+    a, b = read_json(fsdp_out / "results.json"), read_json(out / "results.json")
+    for name in ("two-stage", "hbat"):
+        assert [st["steps"] for st in b["schedules"][name]["stages"]] == [
+            st["steps"] for st in a["schedules"][name]["stages"]]
+        for k, v in a["schedules"][name]["metrics"].items():
+            assert b["schedules"][name]["metrics"][k] == pytest.approx(v, abs=1e-6), (name, k)
 
 
 def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
@@ -78,12 +98,13 @@ def test_torchrun_overwrite_of_a_used_out(smoke_run, tmp_path, cache):
     assert not (out / "hbat.pt").exists()
 
 
-LOAD_RECORDER = """# train.py, recording which model files each rank reads into loads-<rank>.txt
+LOAD_RECORDER = """# train.py, recording which model files each rank reads into loads-<rank>.txt (every model file, the reward
+# model's too, is read through checkpoint.load)
 import os, sys
 sys.path.insert(0, os.getcwd())
-import reward, train
+import train
 from infra import checkpoint
-load, load_rm = checkpoint.load, reward.RewardModel.from_pretrained.__func__
+load = checkpoint.load
 
 def record(path):
     with open(os.path.join(os.environ["LOADS_DIR"], f"loads-{os.environ.get('RANK', '0')}.txt"), "a") as f:
@@ -93,11 +114,7 @@ def recorded(path):
     record(path)
     return load(path)
 
-def recorded_rm(cls, path):
-    record(path)
-    return load_rm(cls, path)
-
-checkpoint.load, reward.RewardModel.from_pretrained = recorded, classmethod(recorded_rm)
+checkpoint.load = recorded
 train.main(sys.argv[1:])
 """
 

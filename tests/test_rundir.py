@@ -64,9 +64,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(smoke_run, tmp_path, cache)
     ("ppo-adaptive-kl", 26, False, None, ("two-stage", "HPA", 4)),  # the KL coefficient has moved twice
     ("dpo", 13, False, "ddp", ("two-stage", "HPA", 5)),     # torchrun, 2 processes
     ("ppo-release", 26, False, "ddp", ("two-stage", "HPA", 4)),  # torchrun: each rank's own queue and generator
-    ("ppo", 26, False, "fsdp", ("two-stage", "HPA", 4)),    # torchrun --fsdp: AdamW's state gathered and re-sharded
+    ("ppo", 26, False, "fsdp", ("two-stage", "HPA", 4)),    # torchrun --fsdp: each rank reads back its own shards
+    ("dpo", 13, True, "fsdp", ("two-stage", "HPA", 4)),     # --fsdp, killed writing the file that names step 5's
 ], ids=["ifa", "dpo", "torn-write", "sft", "reward-model", "ppo-between-rollouts", "release-end-of-stage",
-        "release-between-rollouts", "adaptive-kl", "torchrun", "torchrun-release", "fsdp"])
+        "release-between-rollouts", "adaptive-kl", "torchrun", "torchrun-release", "fsdp", "fsdp-torn"])
 def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after, torn, how, where, smoke_run,
                                                                      torchrun_run, tmp_path, cache):
     """--save-every 1; the run kills itself (SIGKILL) right after its N-th mid-stage save, or halfway through
@@ -95,7 +96,13 @@ def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after,
     for name, state in final_state(out).items():
         expected = final_state(out_a)[name]
         assert all(torch.equal(state[k], expected[k]) for k in expected), name
-    assert not [n for n in os.listdir(out) if n.endswith(".step.pt")]  # spent at each stage's end
+    assert not [n for n in os.listdir(out) if ".step" in n]  # spent at each stage's end, shards too
+    if how == "fsdp":  # every checkpoint sharded: a file that names a directory with one file per rank, and no other
+        for name in ("sft", "reward_model", "two-stage", "hbat") if algo == "ppo" else ("sft", "two-stage", "hbat"):
+            saved = torch.load(out / f"{name}.pt", weights_only=True)
+            assert "model" not in saved and sorted(os.listdir(out / saved["shards"])) == [
+                ".metadata", "__0_0.distcp", "__1_0.distcp"], name
+        assert len([n for n in os.listdir(out) if n.endswith(".dcp")]) == (4 if algo == "ppo" else 3)
 
 
 def test_alright_killed_inside_its_stage_resumes_to_the_same_numbers(alternatives_run, tmp_path, cache):
