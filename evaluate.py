@@ -202,4 +202,7 @@ def table(results):
     elif results["config"].get("preset") == "lesson":
         lines.append("  --preset lesson: one small run on one seed shows the tax; which schedule is better is the "
                      "study's to say (docs/results.md)")
+    elif not results["config"].get("ifa_data"):  # the embedded world, where the study has decided it
+        lines.append("  one seed of one base model: which schedule is better is decided over seeds and bases "
+                     "(docs/results.md)")
     return "\n".join(lines)

@@ -28,25 +28,43 @@ from infra import checkpoint, importers
 from model import ModelArgs, Transformer
 
 
-def tree_rss(root_pid):
-    """Resident set of root_pid and all its descendants, in bytes (Linux /proc)."""
-    children, rss = {}, 0
+def tree(root_pid):
+    """root_pid and all its descendants (Linux /proc)."""
+    children = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
         except OSError:  # the process ended while we looked
             continue
-    todo = [root_pid]
+    found, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
+        found.append(pid)
         todo += children.get(pid, [])
+    return found
+
+
+def tree_rss(root_pid):
+    """Resident set of root_pid and all its descendants, in bytes."""
+    rss = 0
+    for pid in tree(root_pid):
         try:
             with open(f"/proc/{pid}/status") as f:
                 rss += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
         except (OSError, StopIteration):  # ended, or a zombie without VmRSS
             continue
     return rss
+
+
+def kill_tree(root_pid):
+    """SIGKILL root_pid and every descendant: torchrun's workers run in process groups of their own, so killing
+    torchrun's group alone would leave them running."""
+    for pid in tree(root_pid):
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            continue
 
 
 def peak_until(cmd, cwd, env, done, timeout):
@@ -60,7 +78,7 @@ def peak_until(cmd, cwd, env, done, timeout):
             time.sleep(0.02)
     finally:
         if p.poll() is None:
-            os.killpg(p.pid, 9)
+            kill_tree(p.pid)
         _, err = p.communicate()
     if not done():
         sys.exit(f"bench_memory.py: the run ended before its first optimizer step:\n{err[-3000:]}")
@@ -80,7 +98,7 @@ def first_step(out, after=-1):
 
 
 def killed_after_a_save(cmd, cwd, env, out, timeout):
-    """Run cmd until two-stage's first mid-stage file exists, SIGKILL the process group (torchrun and its workers),
+    """Run cmd until two-stage's first mid-stage file exists, SIGKILL it (torchrun and its workers),
     and cut metrics.jsonl back to the saved step, as the resumed run will. Returns that step."""
     path = os.path.join(out, "two-stage.step.pt")
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -88,7 +106,7 @@ def killed_after_a_save(cmd, cwd, env, out, timeout):
     deadline = time.time() + timeout
     while p.poll() is None and not os.path.exists(path) and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(p.pid, 9)
+    kill_tree(p.pid)
     p.wait()
     if not os.path.exists(path):
         sys.exit("bench_memory.py: the run saved no mid-stage progress")

@@ -16,7 +16,9 @@ own --out, so an interrupted study resumes run by run. Then, per base:
 2. every other schedule's setting is the one whose validation answers win most often against the tuned two-stage;
 3. only then are the test prompts read: each tuned schedule's test metrics, the test win rate of every tuned
    schedule against every other (the head-to-head matrix), the averaged models' test metrics, each stage's gradient
-   cosine at its start and end, and the examples each schedule trained on (equal data is counted, not assumed).
+   cosine at its start and end, and the examples each schedule trained on (equal data is counted, not assumed);
+   and, selecting nothing, every schedule at its default setting against two-stage at its default: what one
+   `train.py` run at its defaults prints, over bases and seeds.
 
 Nothing is selected on the test prompts. `averaged` has no runs of its own: it interpolates the SFT model and the
 tuned two-stage, so every two-stage run also evaluates the averaged models. Writes --json (default
@@ -186,7 +188,11 @@ def collect(args, protocol):
                 "stages": {n: [{k: st[k] for k in ("name", "kind", "steps", "examples", "grad_cosine",
                                                    "grad_cosine_end") if k in st}
                                for st in res[n]["schedules"][name]["stages"]] for n, (_, name) in tuned.items()},
-                "seconds": {n: res[n]["seconds"] for n in trained}})
+                "seconds": {n: res[n]["seconds"] for n in trained},
+                # what `train.py` at its defaults prints: every trained schedule at its default setting, on test
+                "defaults": {n: {"metrics": read(out)["schedules"][n]["metrics"],
+                                 "win": win(rows(out, n), rows(*models[("two-stage", two.default, s)]))}
+                             for n in trained for out, _ in [models[(n, protocol[n].default, s)]]}})
         seconds = sum(read(out)["seconds"] for (n, _, _), (out, _) in models.items() if n != "averaged")
         bases.append({"world_seed": w, "seeds": seeds, "chosen": chosen, "runs_seconds": seconds,
                       "val_win": {n: {f"{v:g}": ws for v, ws in by.items()} for n, by in val_win.items()},

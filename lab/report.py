@@ -249,6 +249,27 @@ def readme(d):
     return "\n".join(lines) + "\n\n" + verdicts(d)
 
 
+def default_range(d):
+    """What `python train.py` at its defaults prints, as the range a user lands in: every base and seed of the study
+    at the default settings (nothing tuned), two-stage and Hbat."""
+    runs = [(b["world_seed"], r) for b in d["bases"] for r in b["runs"] if "defaults" in r]
+
+    def span(f):
+        values = sorted(f(r) for _, r in runs)
+        return f"{values[0]:.3f}–{values[-1]:.3f} (median {statistics.median(values):.3f})"
+    sft = span(lambda r: r["sft_metrics"]["ifa_score"])
+    lines = [f"Over the study's {len(runs)} default runs ({len({w for w, _ in runs})} bases × "
+             f"{len(runs) // len({w for w, _ in runs})} seeds; `--world-seed`, `--seed`), the same command lands in:", "",
+             "| row | IFA score | HPA score | tax | win rate vs two-stage |", "|---|---|---|---|---|",
+             f"| SFT | {sft} | {span(lambda r: r['sft_metrics']['hpa_score'])} | | |"]
+    for n in ("two-stage", "hbat"):
+        m = lambda k: lambda r: r["defaults"][n]["metrics"][k]  # noqa: E731
+        tax = span(lambda r: r["sft_metrics"]["ifa_score"] - r["defaults"][n]["metrics"]["ifa_score"])
+        win = "" if n == "two-stage" else span(lambda r: r["defaults"][n]["win"])
+        lines.append(f"| {n} | {span(m('ifa_score'))} | {span(m('hpa_score'))} | {tax} | {win} |")
+    return "\n".join(lines)
+
+
 def earlier(path):
     """{schedule: its pooled win rate against two-stage} from an earlier study's committed table (lab.study
     --alternatives, before the protocol): every schedule at its default setting, pooled as a difference from a tie."""
@@ -293,6 +314,7 @@ def answers(d, lighter, ppo=()):
     v = verdict_of(win("hbat", "two-stage"))
     with_ppo = "; ".join(
         f"with PPO ({p['ppo_variant']}) it {verdict_of(w)} two-stage, win rate {pooled(w)} over {len(p['bases'])} bases"
+        f" (§5)"
         for p in ppo for w in [[base_mean(b, lambda r: r["h2h"]["hbat"]["two-stage"]) for b in p["bases"]]])
     lines.append(f"2. **Does Hbat beat two-stage?** With DPO, every schedule tuned alike: it {v} two-stage, win "
                  f"rate {pooled(win('hbat', 'two-stage'))} over {len(d['bases'])} bases (§2.6); " + (
@@ -349,6 +371,7 @@ def blocks():
         out[f"{name}-verdicts"] = verdicts(d)
         if name == "dpo":
             out["dpo-moved"] = moved(d, "results/alternatives/dpo_ALTERNATIVES.md")
+            out["dpo-default-range"] = default_range(d)
         out[f"{name}-readme"] = readme(d)
         if d["algo"] == "dpo":
             out[f"{name}-cosines"] = cosines(d)

@@ -101,3 +101,6 @@ def test_settings_are_chosen_on_the_validation_prompts_never_on_the_test_prompts
     (run,) = base["runs"]
     assert run["h2h"]["hbat"]["two-stage"] == 0.5 and run["h2h"]["rpo"]["two-stage"] == 1.0
     assert run["h2h"]["two-stage"]["rpo"] == 0.0 and run["h2h"]["averaged"]["rpo"] == 0.0
+    # what a run at the defaults prints, chosen by nothing: Hbat ×1 (good on test) against two-stage β = 0.1 (good)
+    assert run["defaults"]["hbat"]["win"] == 0.5 and run["defaults"]["two-stage"]["win"] == 0.5
+    assert set(run["defaults"]) == set(knobs) - {"averaged"}
