@@ -229,6 +229,14 @@ def shuffled(n, batch_size, epochs, seed):
         yield from (order[i:i + batch_size] for i in range(0, n, batch_size))
 
 
+def rollout_batches(n, batch_size, epochs, seed, group_size=1):
+    """The prompt indices of each rollout of a PPO stage over n prompts: `shuffled`'s batches of batch_size. With
+    GRPO's group_size K > 1, each rollout samples K answers to batch_size / K prompts, and the stage takes as many
+    rollouts as PPO's: the same number of prompts × answers, over 1/K as many prompt draws."""
+    rollouts = epochs * len(batch_sizes(n, batch_size))
+    return list(itertools.islice(shuffled(n, batch_size // group_size, epochs, seed), rollouts))
+
+
 def batch_sizes(n, batch_size):
     """The sizes of one epoch's batches from `shuffled`: 10, 4 -> [4, 4, 2]."""
     return [batch_size] * (n // batch_size) + [n % batch_size] * (n % batch_size > 0)

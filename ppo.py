@@ -1,5 +1,7 @@
-"""PPO for the HPA stages, every detail visible: textbook RLHF PPO (docs/method.md §4.2) and, with
-`--ppo-variant release`, the paper's release's critic-free variant (§4.3), which produced the paper's PPO numbers.
+"""PPO for the HPA stages, every detail visible: textbook RLHF PPO (docs/method.md §4.2); with
+`--ppo-variant release`, the paper's release's critic-free variant (§4.3), which produced the paper's PPO numbers;
+and with `--ppo-variant grpo`, GRPO (Shao et al. 2024; §4.4): K answers per prompt, advantages relative to the
+group, the KL to π_ref in the loss, no critic.
 
 One PPO iteration, as train.py runs it (the loop owns the optimizer, LR schedule, EWC penalty, clipping, DDP):
 
@@ -62,14 +64,18 @@ class PPOConfig:
     kl_horizon: int = 10000         # episodes over which the coefficient may move by ±20%
     critic: bool = True             # a value network and GAE (textbook); the release has none
     queue_size: int = 0             # the release whitens with its last 1000 non-zero per-token rewards; 0: no queue
+    # GRPO (Shao et al. 2024): K answers per prompt, advantages normalised within each prompt's group, no critic
+    group_size: int = 1             # K; 1 for PPO
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.temperature != 1.0:  # model.token_logprobs has no temperature, so π_old would not be the sampler
             raise ValueError(f"PPO samples at temperature 1 (docs/method.md §4.2), got {self.temperature}")
-        if self.variant not in ("textbook", "release"):
-            raise ValueError(f"variant must be 'textbook' or 'release', got {self.variant!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if (self.group_size > 1) != (self.variant == "grpo"):
+            raise ValueError(f"group_size {self.group_size}: GRPO samples K >= 2 answers per prompt, PPO one")
 
 
 # What each variant sets apart from the defaults above: the one place a variant is defined. The release's (§4.3): its
@@ -77,7 +83,10 @@ class PPOConfig:
 # sampled), no critic, and whitening by a queue of its last 1000 rewards.
 VARIANTS = {"textbook": {},
             "release": dict(variant="release", kl_coef=0.1, epochs=1, top_k=50, top_p=0.95, eos_penalty=None,
-                            critic=False, queue_size=1000)}
+                            critic=False, queue_size=1000),
+            # GRPO (Shao et al. 2024, DeepSeekMath §4.1): K = 4 answers per prompt, β = 0.04 on a KL term in the loss
+            # (not in the reward), one pass over each rollout, no critic
+            "grpo": dict(variant="grpo", kl_coef=0.04, kl_estimator="k3", epochs=1, critic=False, group_size=4)}
 
 
 def release_config(**overrides):
@@ -274,6 +283,47 @@ def release_policy_loss(logprobs, advantages, mask):
     return masked_mean(torch.max(-advantages * logprobs, -advantages * logprobs.clamp(0.8, 1.2)), mask)
 
 
+# --- GRPO (Shao et al. 2024): K answers per prompt, advantages relative to the group, KL to π_ref in the loss ---
+
+def group_advantages(scores, group_size, eps=1e-4):
+    """GRPO's outcome advantages: each answer's score normalised within its prompt's group, the K = group_size
+    consecutive rows sampled for one prompt: (r − mean of the group) / (std of the group + eps), the std with
+    Bessel's correction and eps as in TRL's GRPOTrainer. scores (B,), B a multiple of K; returns (B,). A group whose
+    answers all score the same gets 0: it teaches nothing. The group's mean replaces PPO's critic as the baseline.
+    Example, K = 2: scores [1, 3, 2, 2] -> [−1/√2, 1/√2, 0, 0] (std √2 and 0; eps aside).
+    """
+    groups = scores.view(-1, group_size)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def grpo_policy_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl_coef):
+    """GRPO's loss (DeepSeekMath, eq. 3 with outcome supervision), the negative of
+
+        (1/B) Σ_i (1/|o_i|) Σ_t [ min(ρ_it·A_i, clip(ρ_it, 1 − ε, 1 + ε)·A_i) − β·KL_it ]
+
+    with ρ_it = π(o_it)/π_old(o_it), A_i the answer's group advantage (on each of its tokens), and
+    KL_it = π_ref/π − log(π_ref/π) − 1, the k3 estimate of KL(π‖π_ref) on the sampled token (Schulman 2020), whose
+    gradient flows through log π. Each answer's tokens are averaged first, then the answers: a long answer weighs
+    no more than a short one. All inputs (B, T), advantages A_i on every token of answer i. Returns (loss,
+    clipfrac, approx_kl, kl): the last three detached, approx_kl the k3 estimate of KL(π_old‖π), kl the mean KL_it.
+    Example, one answer of two tokens, log π = log π_old = [−1, −2], log π_ref = [−1, −1], A = 0.5, β = 0.1:
+    ρ = 1, log(π_ref/π) = [0, 1], KL = [0, e − 2], so loss = −(0.5 − 0.1·(e − 2)/2) ≈ −0.46409.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    a = advantages.to(logprobs.dtype)
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * a)
+    log_ref_ratio = ref_logprobs - logprobs
+    kl = torch.expm1(log_ref_ratio) - log_ref_ratio
+    per_answer = ((surrogate - kl_coef * kl) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    loss = -per_answer.mean()
+    with torch.no_grad():
+        clipfrac = masked_mean((ratio * a > torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * a).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clipfrac, approx_kl, masked_mean(kl.detach(), mask)
+
+
 class RewardQueue:
     """The release's FIFO of recent per-token rewards (§4.3), cfg.queue_size long; train.py makes a new one at every
     stage's start."""
@@ -400,13 +450,15 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
     ref_model is the frozen model at the start of the stage (§2.3); critic has the reward model's interface
     (`values(tokens, pad_mask) -> (B, T)`); generator is the torch.Generator of the sampling (on the policy's device).
     With cfg.variant "release" (§4.3) critic is None, queue is the stage's RewardQueue, and steps 4-5 are the
-    release's: decayed sequence reward minus the clamped KL, whitened by the queue, as the advantage itself.
+    release's: decayed sequence reward minus the clamped KL, whitened by the queue, as the advantage itself. With
+    "grpo" critic is None, prompts holds each prompt cfg.group_size times in a row, and the advantage of every token
+    of an answer is its score normalised within its prompt's group (`group_advantages`).
     end_of_turn (real data): ids -> the ids before the prompt template's end-of-turn marker ("\n\nHuman:") when
     the answer wrote one, else None. Such an answer ends there, closed with EOS: the reward model was trained on
     answers that end in EOS, and the policy learns to end its turn with EOS rather than to write the next one.
     """
     device = next(policy.parameters()).device
-    release = cfg.variant == "release"
+    release, grpo = cfg.variant == "release", cfg.variant == "grpo"
     with eval_mode(*(m for m in (policy, ref_model, critic, reward_model) if m is not None)):
         # 1. Sample with the KV cache. generate cuts each row after its first EOS (EOS included), so a row without
         #    EOS is one that ran into max_new_tokens: a truncated answer.
@@ -432,6 +484,10 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
                                             offset)
             advantages = queue.whiten(rewards, masks)
             values = returns = torch.zeros_like(rewards)  # no critic
+        elif grpo:  # 4-5 (GRPO): prompts come in groups of K; an answer's score against its group's is its advantage
+            rewards = token_rewards(scores, torch.zeros_like(kl), masks, 0.0)  # the score; the KL is in the loss
+            advantages = group_advantages(scores, cfg.group_size)[:, None] * masks
+            values = returns = torch.zeros_like(rewards)  # no critic
         else:
             # 4. Per-token rewards: -kl_coef·kl everywhere, + the score on the last token (§4.2).
             values = response_values(critic, tokens, pad_mask, masks)
@@ -455,6 +511,7 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
         "kl_coef": cfg.kl_coef,
     } | ({"positive_share": masked_mean((advantages > 0).float(), masks).item(),  # tokens that get a gradient
           "queue_mean": queue.values.mean().item(), "queue_std": queue.values.std(correction=0).item()} if release
+         else {"tied_groups": (scores.view(-1, cfg.group_size).std(1) == 0).float().mean().item()} if grpo  # A = 0
          else {"explained_variance": explained_variance(values, returns, masks)})
     return ro, metrics
 
@@ -487,11 +544,24 @@ def release_loss(policy, mb):
                   "entropy": masked_mean(entropy, mb.masks).item()}
 
 
+def grpo_loss(policy, mb, cfg):
+    """GRPO's loss on a minibatch (a Rollout): grpo_policy_loss on the current policy's log-probs, the rollout's
+    π_old and π_ref log-probs and group advantages; no critic."""
+    logprobs, entropy = response_logprobs(policy, mb.tokens, mb.pad_mask, mb.masks, with_entropy=True)
+    loss, clipfrac, approx_kl, kl = grpo_policy_loss(logprobs, mb.logprobs, mb.ref_logprobs, mb.advantages, mb.masks,
+                                                     cfg.clip, cfg.kl_coef)
+    return loss, {"policy_loss": loss.item(), "kl_ref": kl.item(), "clipfrac": clipfrac.item(),
+                  "approx_kl": approx_kl.item(), "entropy": masked_mean(entropy, mb.masks).item()}
+
+
 def minibatch_loss(modules, mb, cfg):
-    """The loss on a minibatch of the stage's variant: `ppo_loss`, or the release's `release_loss` (no critic).
-    modules: {"policy": ..., "critic": ...} (an nn.ModuleDict in train.py); returns (loss, metrics)."""
+    """The loss on a minibatch of the stage's variant: `ppo_loss`, GRPO's `grpo_loss` or the release's
+    `release_loss` (neither with a critic). modules: {"policy": ..., "critic": ...} (an nn.ModuleDict in train.py);
+    returns (loss, metrics)."""
     if cfg.critic:
         return ppo_loss(modules["policy"], modules["critic"], mb, cfg)
+    if cfg.variant == "grpo":
+        return grpo_loss(modules["policy"], mb, cfg)
     return release_loss(modules["policy"], mb)
 
 

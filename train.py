@@ -16,7 +16,6 @@ prepare.py; flags, run directory, placement over ranks: infra/. Re-running a com
 after the last completed stage (or inside it, --save-every) with the same numbers on the same device and thread
 count: each stage draws its randomness from generators seeded by the stage. § refers to docs/method.md.
 """
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -85,9 +84,6 @@ def main(argv=None):
     if args.algo == "ppo":  # one reward model for every schedule, trained from the SFT model
         run.rm, rm_accuracy = reward_model(run, base)
     results = rundir.Results(rt, args.out, args.algo, flags.run_config(args), rm_accuracy)
-    if rt.evaluates:  # where every schedule starts: the first row of the table
-        results.data["base_metrics"] = run.evaluate(parallel.place(rt, prepare.on_meta(base.args),
-                                                                   base.state_dict()))[0]
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
         stages, n_splits = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none",
                                       args.rpo_alpha, args.alright_lambda)
@@ -101,6 +97,10 @@ def main(argv=None):
                 results.add(name, history, evaluation or run.evaluate(model), task.val and run.evaluate(model, task.val))
             if args.export_hf:
                 rundir.export(rt, args.out, name, model, task.tok)
+    if rt.evaluates:  # where every schedule started, the first row of the table: judged last, because generating
+        # under FSDP gathers whole weights on every rank (parallel.gathered), which training needs nowhere
+        results.data["base_metrics"] = run.evaluate(parallel.place(rt, prepare.on_meta(base.args),
+                                                                   base.state_dict()))[0]
     # every schedule against two-stage (under FSDP a reward model is sharded: every rank takes part in judging)
     judge = evaluate.pick_judge(judge, run.rm, task.tok, args.max_seq_len, task.world)
     for prefix, records in (("", task.test), ("val_", task.val)):
@@ -251,7 +251,7 @@ def run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log):
     """§4.2, cleanrl's loop: for each batch of prompts a rollout, then cfg.epochs x minibatches of train steps,
     stopped early when the policy moved too far (--target-kl). The KL reference is the model at the start of the
     stage (§2.3); the critic is the schedule's (None for the release's variant, §4.3, whose reward queue restarts
-    here). Returns (mean metrics, steps, prompts rolled out)."""
+    here). Returns (mean metrics, steps, answers sampled: prompts rolled out, times K under GRPO)."""
     args, rt, tok = run.args, run.rt, run.task.tok
     prompts = [ex[0] for ex in data.shard_of(subsets["hpa"][stage.subset], rt.rank, rt.world)]
     seed = hbat.stage_seed(args.seed, stage.name, stage.kind)
@@ -261,23 +261,25 @@ def run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log):
     modules = nn.ModuleDict(dict(policy=model) | (dict(critic=critic) if cfg.critic else {}))
     opt, losses = adamw(modules), parallel.wrap(rt, modules, {"ppo": partial(ppo.minibatch_loss, cfg=cfg)})
     state = ppo.StageState(cfg, seed, rt.device)  # the sampling generator, KL coefficient, the release's reward queue
-    # the lr's horizon: every rollout's epochs x minibatches, the last rollout and the last minibatch maybe smaller
-    per_rank = args.rollout_batch // rt.world
-    n_steps = stage.epochs_hpa * cfg.epochs * sum(data.n_batches(size, cfg.minibatch_size, 1)
-                                                 for size in data.batch_sizes(len(prompts), per_rank))
+    # each rollout's prompts (GRPO: 1/K as many, K answers each), and the lr's horizon: every rollout's epochs x
+    # minibatches, the last rollout and the last minibatch maybe smaller
+    k = cfg.group_size
+    batches = data.rollout_batches(len(prompts), args.rollout_batch // rt.world, stage.epochs_hpa, seed, k)
+    n_steps = cfg.epochs * sum(data.n_batches(len(idx) * k, cfg.minibatch_size, 1) for idx in batches)
     step, rows, rollouts, n_prompts = 0, [], [], 0
     if progress := midstage.restore(modules, opt, stage.name):  # saved between rollouts: resume with the next one
         step, rows, rollouts, n_prompts = (progress[k] for k in ("step", "rows", "rollouts", "n_prompts"))
         state.load_state_dict(progress)
     bar = tqdm(total=n_steps, initial=step, desc=stage.name, leave=False, position=2, disable=rt.rank != 0 or None)
-    for idx in itertools.islice(data.shuffled(len(prompts), per_rank, stage.epochs_hpa, seed), len(rollouts), None):
+    for idx in batches[len(rollouts):]:
         # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
         with rt.autocast(), parallel.gathered(rt, model):
-            ro, m = ppo.rollout(model, ref_model, critic, run.rm, [prompts[i] for i in idx], cfg, tok.eos_id,
-                                tok.pad_id, state.generator, partial(data.ids_before_end_of_turn, tok=tok), state.queue)
+            ro, m = ppo.rollout(model, ref_model, critic, run.rm, [prompts[i] for i in idx for _ in range(k)], cfg,
+                                tok.eos_id, tok.pad_id, state.generator, partial(data.ids_before_end_of_turn, tok=tok),
+                                state.queue)
         rollouts.append(parallel.mean_over_ranks(m, rt))
-        n_prompts += len(idx) * rt.world
-        state.after_rollout(rollouts[-1]["kl"], len(idx) * rt.world)
+        n_prompts += len(idx) * k * rt.world  # answers sampled: prompts x K
+        state.after_rollout(rollouts[-1]["kl"], len(idx) * k * rt.world)
         log(step, {"rollout/" + k: v for k, v in rollouts[-1].items()})
         # 2. every epoch's shuffle is drawn before the first update, so an early stop leaves the generator where it
         #    would be

@@ -1,11 +1,12 @@
-"""LLaMA checkpoint formats: our .pt, Meta consolidated.*.pth, Hugging Face safetensors/bin; conversion to/from our
-state dict.
+"""LLaMA checkpoint formats: our .pt (whole, or naming a sharded directory written under --fsdp), Meta
+consolidated.*.pth, Hugging Face safetensors/bin; conversion to/from our state dict.
 
 Everything here works on plain data, so that model.py can import this file without a cycle: a params dict (the
 fields of model.ModelArgs, which are Meta's params.json names) and a state dict under Meta's tensor names
 (layers.3.attention.wq.weight, ...), which model.py's parameters share. model.Transformer.from_pretrained builds a
-model from `load`, every model file a run writes goes through `save`, and `export_hf` writes a model in Hugging
-Face's layout. `atomic_save` is the one way checkpoints reach the disk, for the training loop as well.
+model from `load`, every model file a run writes goes through `save` (under --fsdp `save_sharded`), and
+`export_hf` writes a model in Hugging Face's layout. `atomic_save` is the one way checkpoints reach the disk, for
+the training loop as well.
 """
 import json
 import math
@@ -114,9 +115,12 @@ def load_sharded(directory, part) -> dict[str, torch.Tensor]:
              if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if not state:
         raise ValueError(f"{directory} holds no {part!r} weights")
-    with warnings.catch_warnings():  # that it runs in one process, without a process group, is the intent
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({part: {"module": state}}, storage_reader=reader, no_dist=True)
+    try:
+        with warnings.catch_warnings():  # that it runs in one process, without a process group, is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({part: {"module": state}}, storage_reader=reader, no_dist=True)
+    except (dcp.CheckpointException, OSError, RuntimeError) as e:  # CheckpointException is a BaseException
+        raise ValueError(f"{directory}: not a readable sharded checkpoint ({str(e).splitlines()[0][:200]})") from None
     return state
 
 

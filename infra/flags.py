@@ -18,8 +18,9 @@ PRESETS = {
                     pretrain_steps=1500, pretrain_batch=64, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                     lr_ifa=2e-4, lr_hpa=2e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
                     max_new_tokens=24, ifa_styled=0.0),
-    # a class's first run (docs/lesson.md): the reproduction's architecture on less pretraining and data, about two
-    # minutes on 2 CPU cores from an empty cache; the tax shows, the verdicts are the study's (docs/results.md)
+    # a class's first run (docs/lesson.md): the reproduction's architecture on less pretraining and data, and DPO at
+    # half its lr, set by a few trial runs so that the weaker base shows the tax without its judge score collapsing;
+    # about two and a half minutes on 2 CPU cores from an empty cache. The verdicts are the study's (docs/results.md)
     "lesson": dict(n_ifa=800, n_hpa=800, n_test=100, n_val=100, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                    pretrain_steps=1000, pretrain_batch=32, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                    lr_ifa=2e-4, lr_hpa=1e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
@@ -137,8 +138,9 @@ def get_args(argv=None):
       "the DPO gradient on the first K demonstrations and pairs (§7.4; 0: off)")
     # PPO (§4.2)
     a("--ppo-variant", choices=list(ppo.VARIANTS), default="textbook", help="PPO: textbook PPO with a critic "
-      "(§4.2), or the paper's release's critic-free variant (§4.3): decayed sequence reward, queue whitening, "
-      "positive-advantage tokens only, one epoch")
+      "(§4.2), the paper's release's critic-free variant (§4.3): decayed sequence reward, queue whitening, "
+      "positive-advantage tokens only, one epoch; or GRPO (§4.4): --group-size answers per prompt, advantages "
+      "relative to the group, the KL to the reference in the loss, no critic")
     a("--release-absolute-positions", action="store_true", help="--ppo-variant release: decay the score by the "
       "position in the left-padded prompt + response, as the release does (default: from the response's start)")
     a("--kl-coef", type=float, help=f"PPO: weight of the per-token KL penalty to the reference (default "
@@ -150,6 +152,9 @@ def get_args(argv=None):
     a("--rollout-batch", type=int, help="preset: prompts per rollout")
     a("--minibatch", type=int, help="preset: PPO minibatch size")
     a("--target-kl", type=float, default=None, help="PPO: stop an update early when approx KL passes this")
+    a("--group-size", type=int, help=f"--ppo-variant grpo: K answers sampled per prompt (default "
+      f"{ppo.VARIANTS['grpo']['group_size']}); each rollout takes --rollout-batch / K prompts, so that GRPO and PPO "
+      "sample as many answers")
     a("--adaptive-kl-target", type=float, default=None, help="PPO: adapt --kl-coef so that the KL per sequence "
       "moves towards this many nats (Ziegler et al. 2019); default: a fixed --kl-coef")
     # evaluation
@@ -216,8 +221,13 @@ def check_args(args, p):
         p.error("--label-smoothing applies to DPO only, not with --ipo")
     if args.algo != "ppo" and (args.ppo_variant != "textbook" or args.release_absolute_positions):
         p.error("--ppo-variant and --release-absolute-positions apply to --algo ppo")
-    if args.ppo_variant == "release" and args.critic_restart:
-        p.error("--critic-restart applies to textbook PPO: --ppo-variant release has no critic")
+    if args.group_size is not None and args.ppo_variant != "grpo":
+        p.error("--group-size applies to --ppo-variant grpo")
+    if args.group_size is not None and args.group_size < 2:
+        p.error(f"--group-size must be >= 2 (GRPO compares each answer with the others to its prompt), got "
+                f"{args.group_size}")
+    if args.critic_restart and not ppo.VARIANTS[args.ppo_variant].get("critic", True):
+        p.error(f"--critic-restart applies to textbook PPO: --ppo-variant {args.ppo_variant} has no critic")
     if args.release_absolute_positions and args.ppo_variant != "release":
         p.error("--release-absolute-positions applies to --ppo-variant release")
     for s in schedules:
@@ -259,9 +269,14 @@ NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "expo
                   "activation_checkpointing", "save_every"}
 
 
+# flags added after runs were made: left out of the config while unset, so that those runs still resume
+UNSET_LEFT_OUT = {"group_size"}
+
+
 def run_config(args) -> dict:
     """The settings that define a run's results, as written to OUT/config.json and results.json."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_RUN_CONFIG}
+    return {k: v for k, v in vars(args).items()
+            if k not in NOT_RUN_CONFIG and not (k in UNSET_LEFT_OUT and v is None)}
 
 
 def ppo_config(args, world):
@@ -270,15 +285,18 @@ def ppo_config(args, world):
         kl_coef=args.kl_coef, epochs=args.ppo_epochs, minibatch_size=args.minibatch // world,
         max_new_tokens=args.max_new_tokens, target_kl=args.target_kl,
         absolute_positions=args.release_absolute_positions, adaptive_kl=args.adaptive_kl_target is not None,
-        kl_target=args.adaptive_kl_target or 6.0))
+        kl_target=args.adaptive_kl_target or 6.0) | (dict(group_size=args.group_size) if args.group_size else {}))
 
 
 def check_world(args, world):
-    """Every batch splits evenly over the ranks and the micro-batches."""
+    """Every batch splits evenly over the ranks and the micro-batches, and a GRPO rollout into groups of K."""
     for flag in ("batch_size", "rollout_batch", "minibatch", "pretrain_batch"):
         if getattr(args, flag) % (world * args.grad_accum):
             die(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by world size x --grad-accum "
                 f"= {world * args.grad_accum}")
+    k = ppo_config(args, world).group_size if args.algo == "ppo" else 1
+    if args.rollout_batch % (world * k):
+        die(f"--rollout-batch {args.rollout_batch} is not divisible by world size x --group-size = {world * k}")
 
 
 def check_sizes(args, n_ifa, n_hpa):

@@ -102,6 +102,15 @@ def gather_to_rank0(rt, obj):
     return out
 
 
+def from_rank0(rt, obj):
+    """Rank 0's obj on every rank (a name they must agree on)."""
+    if rt.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean_over_ranks(metrics, rt):
     if rt.world == 1 or not metrics:
         return metrics
@@ -220,7 +229,13 @@ def load_shards(path, parts):
     Every rank calls this."""
     parts = {name: part if isinstance(part, tuple) else (part, None) for name, part in parts.items()}
     state = {name: _shards(module, opt) for name, (module, opt) in parts.items()}
-    # partial: a fresh AdamW holds state for every parameter, a saved one only for those that had a gradient
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    missing = [f"{name}.module.{k}" for name in state for k in state[name]["module"]
+               if f"{name}.module.{k}" not in saved]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of the weights it should hold, e.g. {missing[0]}")
+    # partial for the optimizer only (the weights were checked above): a fresh AdamW holds state for every
+    # parameter, a saved one only for those that had a gradient
     dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     for name, (module, opt) in parts.items():
         if opt is None:

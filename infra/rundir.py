@@ -9,14 +9,16 @@
     OUT/results.json             every schedule's final metrics and stages, and the win rates (docs/formats.md §4)
     OUT/<schedule>.responses.jsonl, OUT/<schedule>-hf/   the held-out answers; the Hugging Face export
     OUT/<schedule>.val_responses.jsonl                   the answers to the validation prompts
-    OUT/*.dcp/                   under --fsdp: the sharded weights (and AdamW state) a .pt file names (`shards`)
+    OUT/*.dcp/                   under --fsdp: the sharded weights (and AdamW state) that a .pt file names
 
 Every file is written atomically (checkpoint.atomic_write), so a kill leaves each whole, old or new. Only rank 0
-writes; every function here is called by every rank, so that the barriers line up.
+writes files, but under --fsdp every rank writes its own shards of a sharded checkpoint; every function here is
+called by every rank, so that the barriers and collectives line up.
 """
 import json
 import os
 import shutil
+import uuid
 from dataclasses import asdict
 
 import torch
@@ -112,12 +114,14 @@ def save_model(rt, path, module, midstage=None):
     """A trained model in the one model-file layout (the tiny base, the SFT model, the reward model), then its stage's
     mid-stage file is spent. Every rank calls this; rank 0 writes the file. Under --fsdp the weights go, shard by
     shard from every rank, to a directory beside it (<path without .pt>.dcp), which the file names."""
-    if rt.fsdp:
-        shards = os.path.basename(path).removesuffix(".pt") + ".dcp"
+    if rt.fsdp:  # a new directory each time (the base's cache may be written by two runs): <stem>-<token>.dcp
+        stem = os.path.basename(path).removesuffix(".pt")
+        shards = f"{stem}-{parallel.from_rank0(rt, uuid.uuid4().hex[:8])}.dcp"
         parallel.save_shards(os.path.join(os.path.dirname(path), shards), {"model": module})
         parallel.barrier(rt)  # every rank's shards are on disk before the file that names them
         if rt.rank == 0:
             checkpoint.save_sharded(asdict(module.args), shards, path)
+            remove_shards(os.path.dirname(path), f"{stem}-", keep=shards)
     else:
         state = parallel.full_state(rt, module)
         if rt.rank == 0:
@@ -173,6 +177,7 @@ def save_schedule(rt, out, name, model, ewc, history, steps, critic=None, sft=Fa
     extra = dict(ewc=ewc.state_dict() if ewc else {}, history=history, steps=steps)
     # decided before anything is written, the same on every rank (a schedule named "sft" is OUT/sft.pt already)
     copy_sft = sft and name != "sft" and not os.path.exists(model_path(out, "sft"))
+    parallel.barrier(rt)  # every rank has looked before rank 0 writes
     if rt.fsdp:
         shards = f"{name}.stage{len(history)}.dcp"
         parallel.save_shards(os.path.join(out, shards), {"model": model} | ({"critic": critic} if critic else {}))
@@ -186,6 +191,7 @@ def save_schedule(rt, out, name, model, ewc, history, steps, critic=None, sft=Fa
         critic_state = parallel.full_state(rt, critic) if critic is not None else None
         if rt.rank == 0:
             checkpoint.save(asdict(model.args), state, model_path(out, name), **extra, critic=critic_state)
+            remove_shards(out, f"{name}.stage")  # a run under --fsdp's, continued without it
     if copy_sft:
         save_model(rt, model_path(out, "sft"), model)
 

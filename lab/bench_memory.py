@@ -85,15 +85,24 @@ def peak_until(cmd, cwd, env, done, timeout):
     return peak
 
 
-def first_step(out, after=-1):
-    """done() for peak_until: metrics.jsonl has a training row of two-stage past step `after`."""
+def two_stage_rows(path):
+    """The training rows of two-stage in metrics.jsonl (a torn last line skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [r for r in rows if r["schedule"] == "two-stage" and "loss" in r]
+
+
+def first_step(out, from_step=0):
+    """done() for peak_until: metrics.jsonl has a training row of two-stage at step `from_step` or later (a row is
+    logged once its step is taken; steps count from 0)."""
     def done():
         path = os.path.join(out, "metrics.jsonl")
-        if not os.path.exists(path):
-            return False
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if '"loss"' in line and '"two-stage"' in line]
-        return any(r["step"] > after for r in rows)
+        return os.path.exists(path) and any(r["step"] >= from_step for r in two_stage_rows(path))
     return done
 
 
@@ -101,21 +110,20 @@ def killed_after_a_save(cmd, cwd, env, out, timeout):
     """Run cmd until two-stage's first mid-stage file exists, SIGKILL it (torchrun and its workers),
     and cut metrics.jsonl back to the saved step, as the resumed run will. Returns that step."""
     path = os.path.join(out, "two-stage.step.pt")
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     deadline = time.time() + timeout
     while p.poll() is None and not os.path.exists(path) and time.time() < deadline:
         time.sleep(0.02)
     kill_tree(p.pid)
-    p.wait()
+    _, err = p.communicate()
     if not os.path.exists(path):
-        sys.exit("bench_memory.py: the run saved no mid-stage progress")
+        sys.exit(f"bench_memory.py: the run saved no mid-stage progress:\n{err[-3000:]}")
     step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["progress"]["global_step"]
     rows = os.path.join(out, "metrics.jsonl")
-    with open(rows) as f:
-        kept = [line for line in f if json.loads(line).get("step", -1) < step]
+    kept = [r for r in two_stage_rows(rows) if r["step"] < step]  # nothing else is logged before it
     with open(rows, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     return step
 
 
@@ -173,7 +181,7 @@ def main():
                 shutil.rmtree(out)
                 cmd += ["--save-every", "2"]
                 saved = killed_after_a_save(cmd, args.repo, env, out, args.timeout)
-                peaks["resumed"] = peak_until(cmd, args.repo, env, first_step(out, saved), args.timeout)
+                peaks["resumed"] = peak_until(cmd, args.repo, env, first_step(out, saved), args.timeout)  # its 1st
             for run, peak in peaks.items():
                 first.setdefault(run, (n, peak))
                 (n0, peak0) = first[run]

@@ -2,7 +2,7 @@
 The numbers of README.md, docs/results.md and docs/lesson.md, from the committed result files of lab.protocol (and
 the lesson's runs, results/lesson/<name>.json: the results.json of `train.py ... --out lesson/<name>`).
 
-    python -m lab.report            # rewrite every generated block of README.md and docs/results.md
+    python -m lab.report            # rewrite every generated block of README.md, docs/results.md, docs/lesson.md
     python -m lab.report --check    # exit 1 if a generated block differs from what the result files give
 
 A generated block sits between `<!-- lab.report NAME -->` and `<!-- /lab.report -->` in a document; `BLOCKS` says
@@ -253,13 +253,14 @@ def default_range(d):
     """What `python train.py` at its defaults prints, as the range a user lands in: every base and seed of the study
     at the default settings (nothing tuned), two-stage and Hbat."""
     runs = [(b["world_seed"], r) for b in d["bases"] for r in b["runs"] if "defaults" in r]
+    seeds = sorted({len(b["runs"]) for b in d["bases"]})
 
     def span(f):
         values = sorted(f(r) for _, r in runs)
         return f"{values[0]:.3f}–{values[-1]:.3f} (median {statistics.median(values):.3f})"
     sft = span(lambda r: r["sft_metrics"]["ifa_score"])
     lines = [f"Over the study's {len(runs)} default runs ({len({w for w, _ in runs})} bases × "
-             f"{len(runs) // len({w for w, _ in runs})} seeds; `--world-seed`, `--seed`), the same command lands in:", "",
+             f"{'-'.join(map(str, seeds))} seeds; `--world-seed`, `--seed`), the same command lands in:", "",
              "| row | IFA score | HPA score | tax | win rate vs two-stage |", "|---|---|---|---|---|",
              f"| SFT | {sft} | {span(lambda r: r['sft_metrics']['hpa_score'])} | | |"]
     for n in ("two-stage", "hbat"):
@@ -371,7 +372,8 @@ def blocks():
         out[f"{name}-verdicts"] = verdicts(d)
         if name == "dpo":
             out["dpo-moved"] = moved(d, "results/alternatives/dpo_ALTERNATIVES.md")
-            out["dpo-default-range"] = default_range(d)
+            if all("defaults" in r for b in d["bases"] for r in b["runs"]):
+                out["dpo-default-range"] = default_range(d)
         out[f"{name}-readme"] = readme(d)
         if d["algo"] == "dpo":
             out[f"{name}-cosines"] = cosines(d)

@@ -85,7 +85,8 @@ def random_pairs(n, seed, vocab_size=40, bos=1, eos=2):
 SMOKE = ("--preset", "smoke", "--device", "cpu")
 ALGOS = {"dpo": ("--algo", "dpo"), "ppo": ("--algo", "ppo"),  # the flags of each HPA objective the tests run
          "ppo-release": ("--algo", "ppo", "--ppo-variant", "release"),
-         "ppo-adaptive-kl": ("--algo", "ppo", "--adaptive-kl-target", "1")}
+         "ppo-adaptive-kl": ("--algo", "ppo", "--adaptive-kl-target", "1"),
+         "ppo-grpo": ("--algo", "ppo", "--ppo-variant", "grpo")}
 HBAT_STAGES = [(f"{kind}_{i}", kind.lower(), not (kind == "IFA" and i == 1)) for i in range(1, 5)
                for kind in ("IFA", "HPA")]  # --preset smoke keeps the default --n-splits 4
 

@@ -39,7 +39,18 @@ BAD_FLAGS = {
     "the bias knob's old name": (["--alignment-tax", "0.5"], "--annotator-bias"),
     "--annotator-bias 2": (["--annotator-bias", "2"], "--annotator-bias"),
     "an ALRIGHT λ above 1": (["--alright-lambda", "1.5"], "--alright-lambda"),
+    "a group size under textbook PPO": (["--algo", "ppo", "--group-size", "4"], "--group-size"),
+    "a group of one answer": (["--algo", "ppo", "--ppo-variant", "grpo", "--group-size", "1"], "--group-size"),
+    "a critic restart under GRPO": (["--algo", "ppo", "--ppo-variant", "grpo", "--critic-restart"], "--critic-restart"),
 }
+
+
+def test_a_grpo_rollout_must_split_into_groups(capsys):
+    """--rollout-batch prompts per rollout become rollout-batch / K prompts of K answers each, on every rank."""
+    args = flags.get_args(["--algo", "ppo", "--ppo-variant", "grpo", "--group-size", "3", "--rollout-batch", "16",
+                           "--minibatch", "8", "--batch-size", "8"])
+    assert "--group-size" in exits_with_one_line(capsys, flags.check_world, args, 1)
+    flags.check_world(flags.get_args(["--algo", "ppo", "--ppo-variant", "grpo", "--rollout-batch", "16"]), 2)
 
 
 @pytest.mark.parametrize("case", list(BAD_FLAGS))

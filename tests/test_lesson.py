@@ -41,6 +41,11 @@ def test_each_lesson_table_is_its_commands_committed_run():
         committed = read_json(os.path.join(ROOT, "results", "lesson", os.path.basename(out_of(cmd)) + ".json"))
         assert committed["config"] == json.loads(json.dumps(flags.run_config(flags.get_args(cmd[2:])))), cmd
         assert committed["config"]["preset"] == "lesson"
+    # the answers it quotes (steps 2 and 8) are the committed run's first test answers
+    samples = {n: r["samples"][0] for n, r in read_json(os.path.join(ROOT, "results", "lesson", "dpo.json"))[
+        "schedules"].items()}
+    assert samples["two-stage"]["prompt"] == samples["hbat"]["prompt"] == "reverse the words : dog bird book answer :"
+    assert (samples["two-stage"]["response"], samples["hbat"]["response"]) == ("book bird bird dog bird", "book bird dog")
 
 
 def test_the_lessons_commands_run(tmp_path, cache):

@@ -393,6 +393,103 @@ def test_release_rollout_against_its_pieces():
     assert [r[m].tolist() for r, m in zip(ro.responses, ro.masks)] == greedy
 
 
+# --- GRPO -------------------------------------------------------------------------------------------------------
+
+def test_group_advantages_hand_worked_and_per_group():
+    """[1, 3, 2, 2] in groups of 2: (r − 2)/√2 in the first, a tied group gets 0; each group then has mean 0 and
+    (Bessel) std 1, whatever the other groups hold."""
+    a = ppo.group_advantages(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2, eps=0.0)
+    torch.testing.assert_close(a[:2], torch.tensor([-2 ** -0.5, 2 ** -0.5]))
+    assert torch.equal(ppo.group_advantages(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2)[2:], torch.zeros(2))
+    scores = torch.randn(12, generator=torch.Generator().manual_seed(0)) * 5 + 3
+    groups = ppo.group_advantages(scores, 4, eps=0.0).view(3, 4)
+    torch.testing.assert_close(groups.mean(1), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(groups.std(1), torch.ones(3))
+
+
+def grpo_loss_loop(logprobs, old_logprobs, ref_logprobs, advantages, lengths, clip, kl_coef):
+    """DeepSeekMath eq. 3 written out answer by answer, token by token, in Python floats."""
+    import math
+    total = 0.0
+    for i, n in enumerate(lengths):
+        per_token = 0.0
+        for t in range(n):
+            ratio = math.exp(logprobs[i][t] - old_logprobs[i][t])
+            a = advantages[i]
+            surrogate = min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a)
+            r = math.exp(ref_logprobs[i][t] - logprobs[i][t])
+            per_token += surrogate - kl_coef * (r - math.log(r) - 1)
+        total += per_token / n
+    return -total / len(lengths)
+
+
+def test_grpo_policy_loss_hand_worked_and_against_a_loop():
+    """The docstring's example (−(0.5 − 0.1·(e − 2)/2)); then random ragged answers against the per-answer,
+    per-token loop, its gradient against the loop's by finite differences, and padding that changes nothing."""
+    import math
+    lp = torch.tensor([[-1.0, -2.0]])
+    loss, clipfrac, approx_kl, kl = ppo.grpo_policy_loss(lp, lp, torch.tensor([[-1.0, -1.0]]), torch.full((1, 2), 0.5),
+                                                         torch.ones(1, 2, dtype=torch.bool), 0.2, 0.1)
+    assert loss.item() == pytest.approx(-(0.5 - 0.1 * (math.e - 2) / 2)) and clipfrac == 0 and approx_kl == 0
+    assert kl.item() == pytest.approx((math.e - 2) / 2)
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 4, 2]
+    mask = torch.tensor([[t < n for t in range(4)] for n in lengths])
+    old, ref = -torch.rand(4, 4, generator=g) * 3, -torch.rand(4, 4, generator=g) * 3
+    new = (old + torch.randn(4, 4, generator=g) * 0.3).double().requires_grad_(True)
+    adv = torch.randn(4, generator=g)
+    args = (old.double(), ref.double(), adv[:, None].double() * mask, mask, 0.2, 0.05)
+    loss, *_ = ppo.grpo_policy_loss(new, *args)
+    lists = [x.tolist() for x in (new.detach(), old, ref)]
+    assert loss.item() == pytest.approx(grpo_loss_loop(*lists, adv.tolist(), lengths, 0.2, 0.05), rel=1e-9)
+    loss.backward()
+    h = 1e-6
+    for i, t in [(0, 0), (0, 2), (2, 3), (3, 1)]:  # valid tokens: the gradient is the loop's slope
+        up, down = (new.detach().clone() for _ in range(2))
+        up[i, t] += h
+        down[i, t] -= h
+        slope = (grpo_loss_loop(up.tolist(), *lists[1:], adv.tolist(), lengths, 0.2, 0.05)
+                 - grpo_loss_loop(down.tolist(), *lists[1:], adv.tolist(), lengths, 0.2, 0.05)) / (2 * h)
+        assert new.grad[i, t].item() == pytest.approx(slope, rel=1e-5, abs=1e-8)
+    assert new.grad[1, 1:].abs().sum() == 0  # padding: no gradient
+    junk = new.detach().clone()
+    junk[~mask] = 5.0
+    assert ppo.grpo_policy_loss(junk, *args)[0].item() == pytest.approx(loss.item())
+
+
+def test_grpo_rollouts_sample_as_many_answers_as_ppo():
+    """data.rollout_batches: with K = 1 PPO's shuffled batches exactly; with K = 4 as many rollouts, each of a
+    quarter of the prompts, so prompts × answers match PPO's rollout for rollout."""
+    import data
+    ppo_batches = data.rollout_batches(40, 8, 3, seed=1)
+    assert ppo_batches == list(data.shuffled(40, 8, 3, 1))
+    grpo_batches = data.rollout_batches(40, 8, 3, seed=1, group_size=4)
+    assert [len(b) * 4 for b in grpo_batches] == [len(b) for b in ppo_batches]
+    assert len({i for b in grpo_batches for i in b}) == 30  # 15 rollouts x 2 prompts: 3/4 of an epoch of draws
+
+
+def test_grpo_rollout_against_its_pieces():
+    """A GRPO rollout of 3 prompts × K = 4: the rows come in groups of one prompt; each answer's advantage is its
+    EOS-penalised score normalised in its group, on each of its tokens; no critic; its loss at the rollout's own
+    policy is −(mean advantage) + β·KL, with ratio 1 and no clipping."""
+    from reward import RewardModel
+    policy, ref_model = tiny_transformer(seed=0, args=ARGS), tiny_transformer(seed=1, args=ARGS)
+    reward_model = RewardModel(tiny_transformer(seed=2, args=ARGS)).eval()
+    cfg = ppo.PPOConfig(**ppo.VARIANTS["grpo"] | dict(max_new_tokens=6))
+    prompts = [p for p in ([1, 5, 6], [1], [1, 9, 4, 7]) for _ in range(4)]
+    ro, m = ppo.rollout(policy, ref_model, None, reward_model, prompts, cfg, eos_id=2, pad_id=3,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ro.queries.view(3, 4, -1), ro.queries.view(3, 4, -1)[:, :1].expand(3, 4, -1))
+    torch.testing.assert_close(ro.advantages, ppo.group_advantages(ro.scores, 4)[:, None] * ro.masks)
+    assert (ro.values == 0).all() and (ro.returns == 0).all() and "tied_groups" in m
+    loss, lm = ppo.grpo_loss(policy, ro, cfg)
+    log_r = ro.ref_logprobs - ro.logprobs  # log(π_ref/π) at the rollout's own policy
+    kl = ((torch.expm1(log_r) - log_r) * ro.masks).sum(1) / ro.masks.sum(1)
+    mean_advantage = (ro.advantages * ro.masks).sum(1) / ro.masks.sum(1)
+    assert lm["approx_kl"] == pytest.approx(0.0, abs=1e-6) and lm["clipfrac"] == 0
+    assert loss.item() == pytest.approx(-(mean_advantage - cfg.kl_coef * kl).mean().item(), abs=1e-5)
+
+
 # --- a short run ----------------------------------------------------------------------------------------------
 # On a synthetic task: on the embedded world the policy must first be pretrained and fine-tuned and the reward model
 # trained, minutes on 2 cores; `python train.py --algo ppo` is that run.

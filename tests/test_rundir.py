@@ -62,12 +62,13 @@ def test_kill_and_resume_equals_an_uninterrupted_run(smoke_run, tmp_path, cache)
     ("ppo-release", 34, False, None, ("hbat", "HPA_2", 2)),  # after the one rollout of an hbat HPA stage, penalised
     ("ppo-release", 26, False, None, ("two-stage", "HPA", 4)),  # between rollouts: the reward queue holds two
     ("ppo-adaptive-kl", 26, False, None, ("two-stage", "HPA", 4)),  # the KL coefficient has moved twice
+    ("ppo-grpo", 26, False, None, ("two-stage", "HPA", 4)),  # GRPO: between rollouts of 4 prompts x 4 answers
     ("dpo", 13, False, "ddp", ("two-stage", "HPA", 5)),     # torchrun, 2 processes
     ("ppo-release", 26, False, "ddp", ("two-stage", "HPA", 4)),  # torchrun: each rank's own queue and generator
     ("ppo", 26, False, "fsdp", ("two-stage", "HPA", 4)),    # torchrun --fsdp: each rank reads back its own shards
     ("dpo", 13, True, "fsdp", ("two-stage", "HPA", 4)),     # --fsdp, killed writing the file that names step 5's
 ], ids=["ifa", "dpo", "torn-write", "sft", "reward-model", "ppo-between-rollouts", "release-end-of-stage",
-        "release-between-rollouts", "adaptive-kl", "torchrun", "torchrun-release", "fsdp", "fsdp-torn"])
+        "release-between-rollouts", "adaptive-kl", "grpo", "torchrun", "torchrun-release", "fsdp", "fsdp-torn"])
 def test_kill_inside_a_stage_and_resume_equals_an_uninterrupted_run(algo, after, torn, how, where, smoke_run,
                                                                      torchrun_run, tmp_path, cache):
     """--save-every 1; the run kills itself (SIGKILL) right after its N-th mid-stage save, or halfway through
