@@ -95,6 +95,35 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+@torch.no_grad()
+def overopt(rt, policy, start, task, records, max_new_tokens, max_seq_len, rm=None, seed=0):
+    """The over-optimisation instrument (Gao, Schulman and Hilton 2022), one reading along an HPA stage: on held-out
+    prompts the policy's greedy answer and one sampled answer (from a generator seeded by `seed`, so that the reading
+    draws nothing from training's random streams). Returns
+        overopt/kl            KL(π‖π_start) per answer: the sampled answers' Σ_t log π − log π_start (k1), π_start the
+                              stage's starting model; Gao et al. plot the scores against √KL
+        overopt/gold(_greedy) the world's gold judge, mean reward of the sampled (greedy) answers
+        overopt/proxy(_greedy) the reward model's mean score of the same answers (PPO; absent without one)
+    Embedded world only (the gold judge). Under FSDP every rank calls it; else only rank 0."""
+    from ppo import collate, response_logprobs  # the rollout's own alignment of prompt and answer tokens
+    prompts = data.encode_prompts(records, task.tok, max_len=max_seq_len - max_new_tokens)
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with parallel.gathered(rt, policy), parallel.gathered(rt, start):
+        sampled = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=task.tok.eos_id,
+                                  generator=generator)
+        _, _, tokens, pad_mask, masks = collate(prompts, sampled, task.tok.pad_id, device)
+        kl = (response_logprobs(policy, tokens, pad_mask, masks) - response_logprobs(start, tokens, pad_mask, masks))
+        greedy = [a["text"] for a in respond(policy, task.tok, records, max_new_tokens, max_seq_len)]
+    texts = [task.tok.decode(ids[:-1] if ids and ids[-1] == task.tok.eos_id else ids) for ids in sampled]
+    out = {"overopt/kl": kl.sum(1).mean().item()}
+    for name, answers in (("", texts), ("_greedy", greedy)):
+        out[f"overopt/gold{name}"] = task.world.evaluate(records, answers)["hpa"]
+        if rm is not None:
+            out[f"overopt/proxy{name}"] = mean(RewardModelJudge(rm, task.tok, max_seq_len).score(records, answers))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # judges for real data (the module docstring says how to plug in another)
 

@@ -54,12 +54,23 @@ class Run:
         return evaluate.evaluate_placed(self.rt, model, self.task, self.task.test if records is None else records,
                                         self.args.max_new_tokens, self.args.max_seq_len, self.rm, self.judge)
 
-    def logger(self, schedule, stage, index=0, steps_before=0, model=None):
+    def logger(self, schedule, stage, index=0, steps_before=0, model=None, start=None):
         """log(step, metrics) for a stage: rows of OUT/metrics.jsonl; with a model and --eval-every K also its scores
-        on 100 test prompts every K optimizer steps."""
-        every = self.args.eval_every if model is not None and self.rt.evaluates else 0
-        return self.log.logger({"schedule": schedule, "stage": stage, "stage_index": index}, steps_before, every,
-                               lambda: self.evaluate(model, self.task.test[:100])[0])
+        on 100 test prompts every K optimizer steps; with the stage's starting model and --overopt-every K the
+        over-optimisation instrument's reading (evaluate.overopt) on 64 validation prompts every K steps."""
+        args, on = self.args, model is not None and self.rt.evaluates
+
+        def scores(step):
+            m = self.evaluate(model, self.task.test[:100])[0]
+            return {f"eval/{k}": m[k] for k in ("ifa_score", "hpa_score") if k in m}
+
+        def overopt(step):  # its own sampling seed per reading, so that it draws nothing from training's streams
+            seed = hbat.stage_seed(args.seed, schedule, stage, "overopt", step)
+            return evaluate.overopt(self.rt, model, start, self.task, self.task.val[:64], args.max_new_tokens,
+                                    args.max_seq_len, self.rm, seed)
+        checks = [(args.eval_every if on else 0, scores), (args.overopt_every if on and start is not None else 0,
+                                                           overopt)]
+        return self.log.logger({"schedule": schedule, "stage": stage, "stage_index": index}, steps_before, checks)
 
 
 def main(argv=None):
@@ -137,7 +148,9 @@ def run_schedule(run, name, stages, n_splits, base):
     for i in range(len(history), len(stages)):
         stage, t0 = stages[i], time.time()
         online = ppo_cfg is not None and stage.kind == "hpa"  # a PPO stage: on-policy samples, not a dataset
-        log = run.logger(name, stage.name, i, steps_before, model)
+        start = parallel.copy_of(rt, model, lambda: prepare.on_meta(model.args)).eval().requires_grad_(False) if (
+            args.overopt_every and stage.kind == "hpa") else None  # the stage's start, for the instrument's KL
+        log = run.logger(name, stage.name, i, steps_before, model, start)
         probing = args.algo == "dpo" and args.grad_probe  # §7.4: does a step on one objective undo the other?
         probe = conflict.probe(model, probes, args.beta, rt) if probing else {}  # at the stage's start, then its end
         if ewc is not None:

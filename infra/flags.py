@@ -160,6 +160,9 @@ def get_args(argv=None):
     # evaluation
     a("--max-new-tokens", type=int, help="preset: cap on generated tokens (eval and PPO rollouts)")
     a("--eval-every", type=int, default=0, help="also evaluate every K optimizer steps (0: after each stage only)")
+    a("--overopt-every", type=int, default=0, help="the embedded world: along each HPA stage, every K optimizer "
+      "steps, the over-optimisation instrument on 64 validation prompts: KL from the stage's start, the gold judge's "
+      "and the reward model's scores (overopt/* rows of metrics.jsonl; docs/formats.md §4)")
     a("--judge", help="real data: a saved reward model (e.g. OUT/reward_model.pt of a PPO run) that scores the answers "
       "(hpa_score, win rates); default: the run's reward model under PPO, none under DPO")
     a("--export-hf", action="store_true", help="also write each aligned model to OUT/<schedule>-hf in the Hugging "
@@ -221,6 +224,10 @@ def check_args(args, p):
         p.error("--label-smoothing applies to DPO only, not with --ipo")
     if args.algo != "ppo" and (args.ppo_variant != "textbook" or args.release_absolute_positions):
         p.error("--ppo-variant and --release-absolute-positions apply to --algo ppo")
+    if args.overopt_every and (args.ifa_data or not args.n_val):
+        p.error("--overopt-every needs the embedded world's gold judge and validation prompts (--n-val > 0)")
+    if args.overopt_every < 0:
+        p.error(f"--overopt-every must be >= 0, got {args.overopt_every}")
     if args.group_size is not None and args.ppo_variant != "grpo":
         p.error("--group-size applies to --ppo-variant grpo")
     if args.group_size is not None and args.group_size < 2:
@@ -265,8 +272,8 @@ def check_args(args, p):
 
 
 # the flags that change where or how fast a run goes, not what it computes: a run resumes across changes of these
-NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "export_hf", "fsdp", "compile",
-                  "activation_checkpointing", "save_every"}
+NOT_RUN_CONFIG = {"overwrite", "out", "device", "cache_dir", "eval_every", "overopt_every", "export_hf", "fsdp",
+                  "compile", "activation_checkpointing", "save_every"}
 
 
 # flags added after runs were made: left out of the config while unset, so that those runs still resume

@@ -88,16 +88,16 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def logger(self, where, steps_before=0, eval_every=0, quick_eval=None):
-        """log(step, metrics): a row {**where, "step": steps_before + step, **metrics}; with eval_every K also, after
-        every K-th optimizer step, a row of the "eval/" scores of quick_eval() (a dict of metrics)."""
+    def logger(self, where, steps_before=0, checks=()):
+        """log(step, metrics): a row {**where, "step": steps_before + step, **metrics}; and for each (K, reading) of
+        `checks`, after every K-th optimizer step, a row of what reading(step) returns (a dict of metrics). A reading is
+        made on every rank that calls log (one that needs collectives, on all); rank 0 writes."""
         def log(step, metrics):
             step += steps_before
             self.write({**where, "step": step, **metrics})
-            if eval_every and "grad_norm" in metrics and step % eval_every == 0:
-                scores = quick_eval()
-                self.write({**where, "step": step, **{f"eval/{k}": scores[k] for k in ("ifa_score", "hpa_score")
-                                                      if k in scores}})
+            for every, reading in checks:
+                if every and "grad_norm" in metrics and step % every == 0:
+                    self.write({**where, "step": step, **reading(step)})
         return log
 
 

@@ -314,6 +314,32 @@ def test_the_gradient_probe_changes_no_training_number(alternatives_run, tmp_pat
             assert "grad_cosine" not in sb and sa["metrics"] == sb["metrics"], (name, sa["name"])
 
 
+@pytest.mark.parametrize("algo", ["ppo", "ppo-release", "ppo-grpo", "dpo"])
+def test_the_overoptimisation_instrument_reads_along_every_hpa_stage_and_changes_nothing(algo, smoke_run, tmp_path,
+                                                                                       cache):
+    """--overopt-every 2: after every second step of every HPA stage (and no other), a row of overopt/kl (from the
+    stage's start: 0 before its first step, so small at step 2), overopt/gold and, under PPO, overopt/proxy, for
+    greedy and sampled answers; and every training row, result and weight exactly those of the run without it."""
+    out = tmp_path / "out"
+    ok(train(*ALGOS[algo], "--overopt-every", "2", out=out, cache=cache))
+    rows = read_rows(out / "metrics.jsonl")
+    readings = [r for r in rows if "overopt/kl" in r]
+    hpa = {(r["schedule"], r["stage_index"]) for r in rows
+           if r["stage"].startswith("HPA") and ("loss" in r or "policy_loss" in r)}
+    assert {(r["schedule"], r["stage_index"]) for r in readings} == hpa
+    keys = {"overopt/kl", "overopt/gold", "overopt/gold_greedy"} | (
+        {"overopt/proxy", "overopt/proxy_greedy"} if algo != "dpo" else set())
+    assert all(set(r) - {"schedule", "stage", "stage_index", "step"} == keys for r in readings)
+    assert all(r["step"] % 2 == 0 and -1 <= r["overopt/gold"] <= 4 for r in readings)
+    plain, _ = smoke_run(algo)
+    training = [r for r in rows if "overopt/kl" not in r and r["schedule"] != "base"]
+    assert training == [r for r in read_rows(plain / "metrics.jsonl") if r["schedule"] != "base"]
+    a, b = (read_json(o / "results.json")["schedules"] for o in (plain, out))
+    for name in a:
+        assert a[name]["metrics"] == b[name]["metrics"], name
+        assert [st["metrics"] for st in a[name]["stages"]] == [st["metrics"] for st in b[name]["stages"]], name
+
+
 def test_averaged_under_ppo_starts_from_the_sft_model_the_reward_model_came_from(tmp_path, cache):
     """Under PPO, OUT/sft.pt is trained once before the schedules; it must be the model two-stage's own IFA stage
     trains (averaged@0 scores exactly as two-stage after IFA)."""
