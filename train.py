@@ -141,6 +141,7 @@ def run_schedule(run, name, stages, n_splits, base):
     history, steps_before, critic = rundir.restore_schedule(rt, args.out, name, model, ewc,  # the critic is carried
                                                             lambda: prepare.critic(rt, run.rm))  # across HPA stages
     probes = ([ex[:2] for ex in run.task.ifa[:args.grad_probe]], [ex[:3] for ex in run.task.hpa[:args.grad_probe]])
+    micro = args.batch_size // (rt.world * args.grad_accum)  # a probe's forward passes are no larger than training's
     ppo_cfg = flags.ppo_config(args, rt.world) if args.algo == "ppo" else None
     last_eval = None
     if history and "eval" not in history[-1]:  # its last stage was saved, not judged: the run stopped in between
@@ -152,7 +153,7 @@ def run_schedule(run, name, stages, n_splits, base):
             args.overopt_every and stage.kind == "hpa") else None  # the stage's start, for the instrument's KL
         log = run.logger(name, stage.name, i, steps_before, model, start)
         probing = args.algo == "dpo" and args.grad_probe  # §7.4: does a step on one objective undo the other?
-        probe = conflict.probe(model, probes, args.beta, rt) if probing else {}  # at the stage's start, then its end
+        probe = conflict.probe(model, probes, args.beta, rt, chunk=micro) if probing else {}  # at its start, then end
         if ewc is not None:
             ewc.begin_stage(stage.kind, model, stage.ewc)  # the anchor θ* is the model at the start of the stage
         if online and ppo_cfg.critic and (critic is None or args.critic_restart):
@@ -170,7 +171,7 @@ def run_schedule(run, name, stages, n_splits, base):
             die(f"{name} stopped: {e}; " + (f"the last good checkpoint is {path}" if os.path.exists(path) else
                                             "it has no checkpoint yet"), code=1)
         record = {"name": stage.name, "kind": stage.kind, "ewc": stage.ewc, "steps": steps, "examples": examples,
-                  **probe, **(conflict.probe(model, probes, args.beta, rt, "_end") if probing else {})}
+                  **probe, **(conflict.probe(model, probes, args.beta, rt, "_end", micro) if probing else {})}
         if ewc is not None and ewc.active:  # the penalty's strength: Σ_n F_n, and L_EWC where the stage ended
             with torch.no_grad():
                 end = parallel.mean_over_ranks({"p": ewc.penalty(model).item()}, rt)["p"] * (rt.world if rt.fsdp else 1)

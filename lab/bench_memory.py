@@ -137,6 +137,7 @@ def main():
     p.add_argument("--n-layers", type=int, default=7)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--resume", action="store_true", help="also measure each run resumed inside its first stage")
+    p.add_argument("flags", nargs="*", help="more train.py flags, after --, e.g. -- --grad-probe 0")
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_memory_")
     try:
@@ -175,7 +176,7 @@ def main():
                    "--hpa-data", os.path.join(tmp, "hpa.jsonl"), "--schedule", "two-stage", "--n-splits", "1",
                    "--batch-size", "8", "--rollout-batch", "8", "--minibatch", "8", "--epochs-ifa", "1",
                    "--epochs-hpa", "1", "--rm-epochs", "1", "--max-seq-len", "64", "--max-new-tokens", "8",
-                   "--n-test", "8", "--device", "cpu", "--out", out]
+                   "--n-test", "8", "--device", "cpu", "--out", out, *args.flags]
             peaks = {"fresh": peak_until(cmd, args.repo, env, first_step(out), args.timeout)}
             if args.resume:
                 shutil.rmtree(out)

@@ -24,11 +24,13 @@ def block_of(name):
     return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
 
 
-def gradients(model, loss_fn):
-    """{parameter name: d loss_fn(model) / d parameter, as this rank holds it (its shard under FSDP, which averages
-    the ranks' gradients as in training)}. Through backward(), which FSDP's hooks need; the .grad fields are None
-    again afterwards, as the training loop leaves them between steps."""
-    loss_fn(model).backward()
+def gradients(model, loss_fns):
+    """{parameter name: d Σ_i loss_fns[i](model) / d parameter, as this rank holds it (its shard under FSDP, which
+    averages the ranks' gradients as in training)}: one backward() per part, so that only one part's activations are
+    alive at a time, accumulated in .grad as in gradient accumulation. Through backward(), which FSDP's hooks need;
+    the .grad fields are None again afterwards, as the training loop leaves them between steps."""
+    for loss_fn in loss_fns:
+        loss_fn(model).backward()
     grads = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -58,23 +60,34 @@ def cosines(g_a, g_b, sharded=False):
     return cos(sums.sum(0)), {b: cos(s) for b, s in zip(blocks, sums)}
 
 
-def probe(model, probes, beta, rt, suffix=""):
+def probe(model, probes, beta, rt, suffix="", chunk=None):
     """grad_cosine on the probe batches (ifa_probe, hpa_probe) as a stage record's entries, {"grad_cosine<suffix>":
     the cosine over every parameter, "grad_cosine<suffix>_blocks": {block: cosine}}; rt: where the model runs
-    (infra/parallel.Runtime)."""
-    total, blocks = grad_cosine(model, *probes, beta, rt.device, rt.autocast(), sharded=rt.fsdp)
+    (infra/parallel.Runtime); chunk: examples per forward pass (train.py: a training micro-batch's)."""
+    total, blocks = grad_cosine(model, *probes, beta, rt.device, rt.autocast(), sharded=rt.fsdp, chunk=chunk)
     return {f"grad_cosine{suffix}": total, f"grad_cosine{suffix}_blocks": blocks}
 
 
-def grad_cosine(model, ifa_probe, hpa_probe, beta, device, autocast, sharded=False):
+def grad_cosine(model, ifa_probe, hpa_probe, beta, device, autocast, sharded=False, chunk=None):
     """cos(∇L_IFA, ∇L_DPO) at the model's current weights on the probe batches (lists of demonstrations and of
     pairs, as in data.py). Returns (cosine over all parameters, {block: cosine}). Under FSDP (`sharded`) every rank
-    must call it with the same probes."""
-    tokens, mask = (t.to(device) for t in data.ifa_batch(ifa_probe))
-    pair_tokens, pair_mask = (t.to(device) for t in data.hpa_batch(hpa_probe))
+    must call it with the same probes. The batches go through the model `chunk` examples at a time (default: all at
+    once), each chunk's loss weighted by its share, so that ∇L is the whole batch's and a probe holds no more
+    activations than a training micro-batch: the IFA loss is a mean over all response tokens (a chunk weighs its
+    share of them), the DPO loss a mean over pairs."""
+    chunk = chunk or max(len(ifa_probe), len(hpa_probe), 1)
+    ifa = [[t.to(device) for t in data.ifa_batch(ifa_probe[i:i + chunk])] for i in range(0, len(ifa_probe), chunk)]
+    n_tokens = sum(mask.sum() for _, mask in ifa)
+    pairs = [[t.to(device) for t in data.hpa_batch(hpa_probe[i:i + chunk])] for i in range(0, len(hpa_probe), chunk)]
+
+    def ifa_part(tokens, mask):  # this chunk's share of the mean over all response tokens
+        return lambda m: dpo.ifa_step_loss(m, tokens, mask)[0] * (mask.sum() / n_tokens)
+
+    def dpo_part(tokens, mask, ref):  # this chunk's share of the mean over all pairs
+        return lambda m: dpo.dpo_step_loss(m, tokens, mask, ref, beta)[0] * (len(ref) / len(hpa_probe))
     with autocast:
         with torch.no_grad():  # the reference is the model itself: the first step of an HPA stage starting here
-            ref = model.token_logprobs(pair_tokens, pair_mask).sum(-1).view(2, -1).t()  # (K, 2)
-        g_ifa = gradients(model, lambda m: dpo.ifa_step_loss(m, tokens, mask)[0])
-        g_dpo = gradients(model, lambda m: dpo.dpo_step_loss(m, pair_tokens, pair_mask, ref, beta)[0])
+            refs = [model.token_logprobs(tokens, mask).sum(-1).view(2, -1).t() for tokens, mask in pairs]  # (k, 2)
+        g_ifa = gradients(model, [ifa_part(*batch) for batch in ifa])
+        g_dpo = gradients(model, [dpo_part(*batch, ref) for batch, ref in zip(pairs, refs)])
     return cosines(g_ifa, g_dpo, sharded)

@@ -20,6 +20,10 @@ def test_grad_cosine_against_a_direct_computation():
     pairs = random_pairs(5, seed=2)
     total, blocks = conflict.grad_cosine(model, demos, pairs, beta=0.1, device="cpu", autocast=nullcontext())
     assert all(p.grad is None for p in model.parameters())
+    for chunk in (1, 2, 4):  # a few examples per forward pass, accumulated: the same gradients
+        chunked = conflict.grad_cosine(model, demos, pairs, beta=0.1, device="cpu", autocast=nullcontext(),
+                                       chunk=chunk)
+        assert chunked[0] == pytest.approx(total, abs=1e-6) and chunked[1] == pytest.approx(blocks, abs=1e-6), chunk
     params = dict(model.named_parameters())
     tokens, mask = data.ifa_batch(demos)
     g_ifa = torch.autograd.grad(dpo.sft_loss(model.token_logprobs(tokens, mask), mask), list(params.values()))
