@@ -277,9 +277,9 @@ def run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log):
     state = ppo.StageState(cfg, seed, rt.device)  # the sampling generator, KL coefficient, the release's reward queue
     # each rollout's prompts (GRPO: 1/K as many, K answers each), and the lr's horizon: every rollout's epochs x
     # minibatches, the last rollout and the last minibatch maybe smaller
-    k = cfg.group_size
-    batches = data.rollout_batches(len(prompts), args.rollout_batch // rt.world, stage.epochs_hpa, seed, k)
-    n_steps = cfg.epochs * sum(data.n_batches(len(idx) * k, cfg.minibatch_size, 1) for idx in batches)
+    group = cfg.group_size
+    batches = data.rollout_batches(len(prompts), args.rollout_batch // rt.world, stage.epochs_hpa, seed, group)
+    n_steps = cfg.epochs * sum(data.n_batches(len(idx) * group, cfg.minibatch_size, 1) for idx in batches)
     step, rows, rollouts, n_prompts = 0, [], [], 0
     if progress := midstage.restore(modules, opt, stage.name):  # saved between rollouts: resume with the next one
         step, rows, rollouts, n_prompts = (progress[k] for k in ("step", "rows", "rollouts", "n_prompts"))
@@ -288,12 +288,12 @@ def run_ppo_stage(run, stage, model, critic, subsets, ewc, midstage, log):
     for idx in batches[len(rollouts):]:
         # 1. rollout, in the update's precision (else the first ratio is not 1); under FSDP the policy stays gathered
         with rt.autocast(), parallel.gathered(rt, model):
-            ro, m = ppo.rollout(model, ref_model, critic, run.rm, [prompts[i] for i in idx for _ in range(k)], cfg,
-                                tok.eos_id, tok.pad_id, state.generator, partial(data.ids_before_end_of_turn, tok=tok),
-                                state.queue)
+            answered = [prompts[i] for i in idx for _ in range(group)]  # GRPO: each prompt K times in a row
+            ro, m = ppo.rollout(model, ref_model, critic, run.rm, answered, cfg, tok.eos_id, tok.pad_id,
+                                state.generator, partial(data.ids_before_end_of_turn, tok=tok), state.queue)
         rollouts.append(parallel.mean_over_ranks(m, rt))
-        n_prompts += len(idx) * k * rt.world  # answers sampled: prompts x K
-        state.after_rollout(rollouts[-1]["kl"], len(idx) * k * rt.world)
+        n_prompts += len(idx) * group * rt.world  # answers sampled: prompts x K
+        state.after_rollout(rollouts[-1]["kl"], len(idx) * group * rt.world)
         log(step, {"rollout/" + k: v for k, v in rollouts[-1].items()})
         # 2. every epoch's shuffle is drawn before the first update, so an early stop leaves the generator where it
         #    would be
