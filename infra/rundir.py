@@ -113,7 +113,7 @@ def model_path(out, name):
 def save_model(rt, path, module, midstage=None):
     """A trained model in the one model-file layout (the tiny base, the SFT model, the reward model), then its stage's
     mid-stage file is spent. Every rank calls this; rank 0 writes the file. Under --fsdp the weights go, shard by
-    shard from every rank, to a directory beside it (<path without .pt>.dcp), which the file names."""
+    shard from every rank, to a new directory beside it (<path without .pt>-<token>.dcp), which the file names."""
     if rt.fsdp:  # a new directory each time (the base's cache may be written by two runs): <stem>-<token>.dcp
         stem = os.path.basename(path).removesuffix(".pt")
         shards = f"{stem}-{parallel.from_rank0(rt, uuid.uuid4().hex[:8])}.dcp"
