@@ -75,9 +75,10 @@ def return_freed_memory():
     and each rank's resident set stays about two copies of the weights above what it holds (docs/performance.md,
     "Host memory"). No-op where the C library is not glibc."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator is left as it is
+        return
+    libc.mallopt(-3, 65536)  # -3: M_MMAP_THRESHOLD
 
 
 def teardown(rt):
