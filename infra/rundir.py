@@ -56,6 +56,18 @@ def check_out_dir(out, config, overwrite, rt):
     parallel.barrier(rt)
 
 
+def read_metrics(path):
+    """The rows of a metrics.jsonl; a last row torn by a kill is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 class MetricsLog:
     """OUT/metrics.jsonl, one row per optimizer step. Opened for a run of these schedules, it drops the rows of the
     stages that did not complete (keep_only), so that a resumed run logs each step once."""
@@ -71,16 +83,11 @@ class MetricsLog:
         if not (self.on and os.path.exists(self.path)):
             return
         rows = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the last row, torn by a kill
-                name, limit = r["schedule"], (resume_steps or {}).get(r["schedule"])
-                if name not in done or r["stage_index"] < done[name] or (
-                        r["stage_index"] == done[name] and limit is not None and r["step"] < limit):
-                    rows.append(r)
+        for r in read_metrics(self.path):
+            name, limit = r["schedule"], (resume_steps or {}).get(r["schedule"])
+            if name not in done or r["stage_index"] < done[name] or (
+                    r["stage_index"] == done[name] and limit is not None and r["step"] < limit):
+                rows.append(r)
         checkpoint.atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
     def write(self, row):

@@ -24,7 +24,7 @@ import time
 import torch
 
 import data
-from infra import checkpoint, importers
+from infra import checkpoint, importers, rundir
 from model import ModelArgs, Transformer
 
 
@@ -87,14 +87,7 @@ def peak_until(cmd, cwd, env, done, timeout):
 
 def two_stage_rows(path):
     """The training rows of two-stage in metrics.jsonl (a torn last line skipped)."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return [r for r in rows if r["schedule"] == "two-stage" and "loss" in r]
+    return [r for r in rundir.read_metrics(path) if r["schedule"] == "two-stage" and "loss" in r]
 
 
 def first_step(out, from_step=0):
