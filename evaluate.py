@@ -23,6 +23,7 @@ rates then use it):
 
 A pairwise judge (GPT-4 comparing two answers, as the paper does) overrides `win_rate` instead.
 """
+import contextlib
 import pickle
 
 import torch
@@ -96,27 +97,43 @@ def mean(xs):
 
 
 @torch.no_grad()
-def overopt(rt, policy, start, task, records, max_new_tokens, max_seq_len, rm=None, seed=0):
-    """The over-optimisation instrument (Gao, Schulman and Hilton 2022), one reading along an HPA stage: on held-out
-    prompts the policy's greedy answer and one sampled answer (from a generator seeded by `seed`, so that the reading
-    draws nothing from training's random streams). Returns
-        overopt/kl            KL(π‖π_start) per answer: the sampled answers' Σ_t log π − log π_start (k1), π_start the
-                              stage's starting model; Gao et al. plot the scores against √KL
-        overopt/gold(_greedy) the world's gold judge, mean reward of the sampled (greedy) answers
-        overopt/proxy(_greedy) the reward model's mean score of the same answers (PPO; absent without one)
-    Embedded world only (the gold judge). Under FSDP every rank calls it; else only rank 0."""
+def sampled_kl(rt, policy, references, task, records, max_new_tokens, max_seq_len, seed):
+    """KL(π‖π_ref) of the policy from each reference model on these records' prompts, estimated from one answer per
+    prompt sampled from the policy (a generator seeded by `seed`, so that it draws nothing from training's streams):
+    the mean over answers of Σ_t log π(y_t) − log π_ref(y_t) (k1, unbiased per answer). references: {name: model}.
+    Returns (the sampled answers' texts, {name: KL}). Under FSDP every rank calls it; else only rank 0."""
     from ppo import collate, response_logprobs  # the rollout's own alignment of prompt and answer tokens
     prompts = data.encode_prompts(records, task.tok, max_len=max_seq_len - max_new_tokens)
     device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with parallel.gathered(rt, policy), parallel.gathered(rt, start):
-        sampled = policy.generate(prompts, max_new_tokens, temperature=1.0, eos_id=task.tok.eos_id,
-                                  generator=generator)
-        _, _, tokens, pad_mask, masks = collate(prompts, sampled, task.tok.pad_id, device)
-        kl = (response_logprobs(policy, tokens, pad_mask, masks) - response_logprobs(start, tokens, pad_mask, masks))
+    generator, texts, kl = torch.Generator(device=device).manual_seed(seed), [], dict.fromkeys(references, 0.0)
+    with contextlib.ExitStack() as stack:
+        for m in (policy, *references.values()):
+            stack.enter_context(parallel.gathered(rt, m))
+        for i in range(0, len(prompts), EVAL_BATCH):
+            batch = prompts[i:i + EVAL_BATCH]
+            sampled = policy.generate(batch, max_new_tokens, temperature=1.0, eos_id=task.tok.eos_id,
+                                      generator=generator)
+            _, _, tokens, pad_mask, masks = collate(batch, sampled, task.tok.pad_id, device)
+            logp = response_logprobs(policy, tokens, pad_mask, masks)
+            for name, ref in references.items():
+                kl[name] += (logp - response_logprobs(ref, tokens, pad_mask, masks)).sum().item()
+            texts += [task.tok.decode(ids[:-1] if ids and ids[-1] == task.tok.eos_id else ids) for ids in sampled]
+    return texts, {name: v / len(prompts) for name, v in kl.items()}
+
+
+def overopt(rt, policy, start, task, records, max_new_tokens, max_seq_len, rm=None, seed=0, sft=None):
+    """The over-optimisation instrument (Gao, Schulman and Hilton 2022), one reading along an HPA stage: on held-out
+    prompts the policy's greedy answer and one sampled answer (sampled_kl). Returns
+        overopt/kl            KL(π‖π_start) per answer, π_start the stage's starting model (sampled_kl)
+        overopt/kl_sft        KL(π‖π_SFT) per answer, from the SFT model, the one reference every schedule shares
+                              (given `sft`); Gao et al. plot the scores against √KL
+        overopt/gold(_greedy) the world's gold judge, mean reward of the sampled (greedy) answers
+        overopt/proxy(_greedy) the reward model's mean score of the same answers (PPO; absent without one)
+    Embedded world only (the gold judge). Under FSDP every rank calls it; else only rank 0."""
+    references = {"overopt/kl": start} | ({"overopt/kl_sft": sft} if sft is not None else {})
+    texts, out = sampled_kl(rt, policy, references, task, records, max_new_tokens, max_seq_len, seed)
+    with parallel.gathered(rt, policy):
         greedy = [a["text"] for a in respond(policy, task.tok, records, max_new_tokens, max_seq_len)]
-    texts = [task.tok.decode(ids[:-1] if ids and ids[-1] == task.tok.eos_id else ids) for ids in sampled]
-    out = {"overopt/kl": kl.sum(1).mean().item()}
     for name, answers in (("", texts), ("_greedy", greedy)):
         out[f"overopt/gold{name}"] = task.world.evaluate(records, answers)["hpa"]
         if rm is not None:

@@ -48,6 +48,7 @@ class Run:
     log: rundir.MetricsLog                # OUT/metrics.jsonl
     rm: reward.RewardModel | None = None  # PPO's reward model
     judge: evaluate.Judge | None = None   # real data: what scores answers (--judge)
+    sft: Transformer | None = None        # --overopt-every: the SFT model, the instrument's shared KL reference
 
     def evaluate(self, model, records=None):
         """(metrics, answer rows) of the model on these records, by default the test prompts."""
@@ -67,10 +68,19 @@ class Run:
         def overopt(step):  # its own sampling seed per reading, so that it draws nothing from training's streams
             seed = hbat.stage_seed(args.seed, schedule, stage, "overopt", step)
             return evaluate.overopt(self.rt, model, start, self.task, self.task.val[:64], args.max_new_tokens,
-                                    args.max_seq_len, self.rm, seed)
+                                    args.max_seq_len, self.rm, seed, self.sft)
         checks = [(args.eval_every if on else 0, scores), (args.overopt_every if on and start is not None else 0,
                                                            overopt)]
         return self.log.logger({"schedule": schedule, "stage": stage, "stage_index": index}, steps_before, checks)
+
+    def kl_sft(self, model, schedule):
+        """{"kl_sft": KL of a final model from the SFT model on the test prompts, where its tax is measured}, with the
+        instrument on (--overopt-every); else {}. Its own sampling seed, like the instrument's readings."""
+        if self.sft is None:
+            return {}
+        seed = hbat.stage_seed(self.args.seed, schedule, "kl_sft")
+        return evaluate.sampled_kl(self.rt, model, {"kl_sft": self.sft}, self.task, self.task.test,
+                                   self.args.max_new_tokens, self.args.max_seq_len, seed)[1]
 
 
 def main(argv=None):
@@ -94,6 +104,9 @@ def main(argv=None):
     rm_accuracy = None
     if args.algo == "ppo":  # one reward model for every schedule, trained from the SFT model
         run.rm, rm_accuracy = reward_model(run, base)
+    if args.overopt_every:  # the instrument measures every KL from the SFT model too: forgetting against KL
+        sft = prepare.lean_load(rt, train_sft(run, base))
+        run.sft = parallel.place(rt, prepare.on_meta(sft.args), sft.state_dict()).eval().requires_grad_(False)
     results = rundir.Results(rt, args.out, args.algo, flags.run_config(args), rm_accuracy)
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
         stages, n_splits = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none",
@@ -105,7 +118,9 @@ def main(argv=None):
             trained = ((name, model, [], None) for name, model in prepare.averaged(args, rt, base.args))
         for name, model, history, evaluation in trained:  # None: not evaluated here (averaged, other ranks)
             if rt.evaluates:  # and on the validation prompts, where settings are chosen
-                results.add(name, history, evaluation or run.evaluate(model), task.val and run.evaluate(model, task.val))
+                metrics, rows = evaluation or run.evaluate(model)
+                results.add(name, history, (metrics | run.kl_sft(model, name), rows),
+                            task.val and run.evaluate(model, task.val))
             if args.export_hf:
                 rundir.export(rt, args.out, name, model, task.tok)
     if rt.evaluates:  # where every schedule started, the first row of the table: judged last, because generating

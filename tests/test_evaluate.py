@@ -142,3 +142,31 @@ def test_the_run_table_has_base_and_sft_rows_a_tax_column_and_a_legend():
     assert "plumbing" not in legend and "pipeline runs" not in legend
     results["config"]["preset"] = "smoke"
     assert "--preset smoke" in evaluate.table(results)
+
+
+def test_sampled_kl_is_each_answers_log_ratio_summed_by_hand(llama_tok):
+    """evaluate.sampled_kl (the over-optimisation instrument's KL, and a final model's KL from SFT) against a naive
+    loop: the same seeded draws, batch by batch, then for every answer Σ_t log π(y_t | x, y_<t) − log π_ref(...) with
+    one unpadded forward per answer token, averaged over answers (seed 13 draws answers that end at EOS, so rows of
+    several lengths); a model's KL from itself is exactly 0."""
+    from types import SimpleNamespace
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=llama_tok.vocab_size, multiple_of=16, max_seq_len=48)
+    torch.manual_seed(0)
+    policy, ref = Transformer(args).eval(), Transformer(args).eval()
+    records = [{"prompt": f"{i}. {t[:40]}"} for i in range(3) for t in fixture_texts()]  # over one EVAL_BATCH
+    rt, task, new = SimpleNamespace(fsdp=False), SimpleNamespace(tok=llama_tok), 10
+    texts, kl = evaluate.sampled_kl(rt, policy, {"ref": ref, "self": policy}, task, records, new, 48, seed=13)
+    prompts = data.encode_prompts(records, llama_tok, max_len=48 - new)
+    generator, answers = torch.Generator().manual_seed(13), []
+    for i in range(0, len(prompts), evaluate.EVAL_BATCH):
+        answers += policy.generate(prompts[i:i + evaluate.EVAL_BATCH], new, temperature=1.0, eos_id=llama_tok.eos_id,
+                                   generator=generator)
+
+    def logp(model, p, y):
+        with torch.no_grad():
+            return sum(torch.log_softmax(model(torch.tensor([p + y[:t]]))[0, -1].float(), -1)[y[t]].item()
+                       for t in range(len(y)))
+    naive = sum(logp(policy, p, y) - logp(ref, p, y) for p, y in zip(prompts, answers)) / len(prompts)
+    assert len(texts) == len(records) and any(y and y[-1] == llama_tok.eos_id for y in answers)
+    assert kl["ref"] == pytest.approx(naive, rel=1e-4, abs=1e-4) and kl["ref"] != 0 and kl["self"] == 0
+    assert texts[0] == llama_tok.decode(answers[0][:-1] if answers[0][-1] == llama_tok.eos_id else answers[0])

@@ -318,8 +318,10 @@ def test_the_gradient_probe_changes_no_training_number(alternatives_run, tmp_pat
 def test_the_overoptimisation_instrument_reads_along_every_hpa_stage_and_changes_nothing(algo, smoke_run, tmp_path,
                                                                                        cache):
     """--overopt-every 2: after every second step of every HPA stage (and no other), a row of overopt/kl (from the
-    stage's start: 0 before its first step, so small at step 2), overopt/gold and, under PPO, overopt/proxy, for
-    greedy and sampled answers; and every training row, result and weight exactly those of the run without it."""
+    stage's start), overopt/kl_sft (from the SFT model: two-stage's HPA stage starts there, so the two are equal in
+    it), overopt/gold and, under PPO, overopt/proxy, for greedy and sampled answers; every final model's kl_sft; and
+    every other training row, result and weight exactly those of the run without it (under DPO the instrument trains
+    the SFT model first, as PPO always does: rows of a schedule "sft")."""
     out = tmp_path / "out"
     ok(train(*ALGOS[algo], "--overopt-every", "2", out=out, cache=cache))
     rows = read_rows(out / "metrics.jsonl")
@@ -327,16 +329,21 @@ def test_the_overoptimisation_instrument_reads_along_every_hpa_stage_and_changes
     hpa = {(r["schedule"], r["stage_index"]) for r in rows
            if r["stage"].startswith("HPA") and ("loss" in r or "policy_loss" in r)}
     assert {(r["schedule"], r["stage_index"]) for r in readings} == hpa
-    keys = {"overopt/kl", "overopt/gold", "overopt/gold_greedy"} | (
+    keys = {"overopt/kl", "overopt/kl_sft", "overopt/gold", "overopt/gold_greedy"} | (
         {"overopt/proxy", "overopt/proxy_greedy"} if algo != "dpo" else set())
     assert all(set(r) - {"schedule", "stage", "stage_index", "step"} == keys for r in readings)
     assert all(r["step"] % 2 == 0 and -1 <= r["overopt/gold"] <= 4 for r in readings)
+    two_stage = [r for r in readings if r["schedule"] == "two-stage"]
+    assert two_stage and all(r["overopt/kl"] == r["overopt/kl_sft"] for r in two_stage)
+    assert any(r["overopt/kl"] != r["overopt/kl_sft"] for r in readings if r["schedule"] == "hbat")
     plain, _ = smoke_run(algo)
-    training = [r for r in rows if "overopt/kl" not in r and r["schedule"] != "base"]
-    assert training == [r for r in read_rows(plain / "metrics.jsonl") if r["schedule"] != "base"]
+    left_out = {"base"} | ({"sft"} if algo == "dpo" else set())
+    training = [r for r in rows if "overopt/kl" not in r and r["schedule"] not in left_out]
+    assert training == [r for r in read_rows(plain / "metrics.jsonl") if r["schedule"] not in left_out]
     a, b = (read_json(o / "results.json")["schedules"] for o in (plain, out))
     for name in a:
-        assert a[name]["metrics"] == b[name]["metrics"], name
+        kl_sft = b[name]["metrics"].pop("kl_sft")
+        assert a[name]["metrics"] == b[name]["metrics"] and math.isfinite(kl_sft), name
         assert [st["metrics"] for st in a[name]["stages"]] == [st["metrics"] for st in b[name]["stages"]], name
 
 
