@@ -5,14 +5,20 @@ of the project runs without it):
                        stages (a point where each stage left the model); weight averaging's models on a dashed line
     OUT/curves.png     IFA and HPA score against optimizer steps, a point at each stage's end and a dotted line at
                        each stage boundary, with the SFT model's scores as a grey reference
+    OUT/overopt.png    with the over-optimisation instrument on (--overopt-every): the gold judge's and the reward
+                       model's scores of sampled answers against √KL from the SFT model, one line per HPA stage
 
 One colour per schedule in every figure of the project (`COLORS`).
 """
+import math
 import os
+
+from infra.rundir import read_metrics
 
 COLORS = {"two-stage": "tab:blue", "hbat": "tab:orange", "multi-task": "tab:green", "rpo": "tab:red",
           "alright": "tab:purple", "averaged": "tab:brown", "sft": "tab:gray", "SFT": "tab:gray", "base": "black"}
 FILES = ("tradeoff.png", "curves.png")
+OVEROPT = "overopt.png"
 
 
 def color(name):
@@ -77,4 +83,29 @@ def draw(out, results):
     fig.tight_layout()
     fig.savefig(os.path.join(out, FILES[1]), dpi=120)
     plt.close(fig)
-    return "pictures: " + ", ".join(os.path.join(out, f) for f in FILES)
+    drawn = FILES + ((OVEROPT,) if overopt(out, plt) else ())
+    return "pictures: " + ", ".join(os.path.join(out, f) for f in drawn)
+
+
+def overopt(out, plt):
+    """OUT/overopt.png from the instrument's rows of OUT/metrics.jsonl (Gao et al.'s picture: a proxy that keeps
+    rising while the gold score turns down is over-optimisation). False when the run has none."""
+    path = os.path.join(out, "metrics.jsonl")
+    rows = [r for r in read_metrics(path) if "overopt/kl_sft" in r] if os.path.exists(path) else []
+    if not rows:
+        return False
+    scores = [k for k in ("gold", "proxy") if f"overopt/{k}" in rows[0]]
+    fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 4), squeeze=False)
+    for ax, key in zip(axes[0], scores):
+        for name in dict.fromkeys(r["schedule"] for r in rows):
+            for i, index in enumerate(dict.fromkeys(r["stage_index"] for r in rows if r["schedule"] == name)):
+                rs = [r for r in rows if r["schedule"] == name and r["stage_index"] == index]
+                ax.plot([math.sqrt(max(r["overopt/kl_sft"], 0.0)) for r in rs], [r[f"overopt/{key}"] for r in rs],
+                        "o-", ms=3, color=color(name), label=name if i == 0 else None)
+        ax.set_xlabel("√KL(π‖π_SFT) of sampled answers (a line per HPA stage)")
+        ax.set_title({"gold": "gold judge (never trained on)", "proxy": "reward model (what PPO climbs)"}[key])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, OVEROPT), dpi=120)
+    plt.close(fig)
+    return True

@@ -317,10 +317,11 @@ def plot(root, main_runs, table, c):
         for ax, key, title in zip(row, ("ifa_score", "hpa_score", None), ("IFA score", "HPA score", "win rate")):
             ys = [[m[key] for m, _ in runs] if key else [w for _, w in runs] for _, runs in pts]
             ax.errorbar(xs, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0 for y in ys],
-                        fmt="o-", capsize=3, label="hbat")
+                        fmt="o-", capsize=3, color=pictures.color("hbat"), label="hbat")
             ref = statistics.mean(m[key] for m, _ in two_stage) if key and two_stage else 0.5 if not key else None
             if ref is not None:
-                ax.axhline(ref, ls="--", color="gray", label="two-stage" if key else "tie")
+                ax.axhline(ref, ls="--", color=pictures.color("two-stage") if key else "gray",
+                           label="two-stage" if key else "tie")
             ax.set_xlabel(label)
             ax.set_title(f"{title} (c = {c})")
             if "F_max" in label:

@@ -96,13 +96,14 @@ def collect(args):
 
 def fit(d, y, form):
     """Least squares of y = R0 + α d − β·FORMS[form](d): {"r0", "alpha", "beta", "r2", "peak"} (peak: the d where
-    the fitted curve is highest, None if it never turns down)."""
+    the fitted curve is highest, None unless it turns down within the readings, d ≤ max(d))."""
     d, y = np.asarray(d, float), np.asarray(y, float)
     X = np.stack([np.ones_like(d), d, -FORMS[form](d)], 1)
     (r0, alpha, beta), *_ = np.linalg.lstsq(X, y, rcond=None)
     ss = float(((y - y.mean()) ** 2).sum())
     r2 = 1 - float(((y - X @ np.array([r0, alpha, beta])) ** 2).sum()) / ss if ss > 0 else float("nan")
-    peak = None if beta <= 0 else math.exp(alpha / beta - 1) if form == "rl" else alpha / (2 * beta)
+    log_peak = None if beta <= 0 else alpha / beta - 1 if form == "rl" else math.log(max(alpha / (2 * beta), 1e-300))
+    peak = math.exp(log_peak) if log_peak is not None and log_peak <= math.log(max(d.max(), 1e-300)) else None
     return {"r0": float(r0), "alpha": float(alpha), "beta": float(beta), "r2": r2, "peak": peak}
 
 
@@ -150,7 +151,7 @@ def forgetting(d):
         online = [p for p in mine if p[1] != "dpo" and trained(p[2])]
         residual.append(statistics.mean(p[4] - (icept + slope * p[3]) for p in online))
     r = pearson([p[3] for p in pts], [p[4] for p in pts])
-    z, half = math.atanh(r), 1.96 / math.sqrt(len(pts) - 3)
+    z, half = math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))), 1.96 / math.sqrt(len(pts) - 3)  # Fisher's z
     slope, icept = np.polyfit([p[3] for p in pts], [p[4] for p in pts], 1)
     return {"n": len(pts), "r_per_base": per_base, "r_pooled": r, "r_pooled_ci": (math.tanh(z - half),
                                                                                    math.tanh(z + half)),

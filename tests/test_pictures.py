@@ -1,4 +1,5 @@
 """infra/pictures.py: a run's two pictures when matplotlib is installed, one line saying how to get them when not."""
+import json
 import sys
 
 import pytest
@@ -20,6 +21,18 @@ def test_a_run_draws_its_tradeoff_and_its_curves(tmp_path):
     pytest.importorskip("matplotlib")
     line = pictures.draw(str(tmp_path), results())
     assert all((tmp_path / f).stat().st_size > 1000 for f in pictures.FILES) and "tradeoff.png" in line
+
+
+def test_with_the_instrument_on_a_run_also_draws_the_overoptimisation_picture(tmp_path):
+    """Rows of overopt/* in OUT/metrics.jsonl (--overopt-every) add overopt.png; a run without them draws none."""
+    pytest.importorskip("matplotlib")
+    assert "overopt.png" not in pictures.draw(str(tmp_path), results())
+    rows = [{"schedule": s, "stage": "HPA", "stage_index": i, "step": k, "overopt/kl": k, "overopt/kl_sft": k,
+             "overopt/gold": 2 - k / 10, "overopt/proxy": k / 5} for s in ("two-stage", "hbat") for i in (1, 3)
+            for k in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "overopt.png" in pictures.draw(str(tmp_path), results())
+    assert (tmp_path / "overopt.png").stat().st_size > 1000
 
 
 def test_real_data_without_a_judge_has_no_hpa_score_and_still_draws(tmp_path):
