@@ -1,6 +1,7 @@
 """
-The numbers of README.md, docs/results.md and docs/lesson.md, from the committed result files of lab.protocol (and
-the lesson's runs, results/lesson/<name>.json: the results.json of `train.py ... --out lesson/<name>`).
+The numbers of README.md, docs/results.md and docs/lesson.md, from the committed result files of lab.protocol, of
+lab.why (results/why/why.json) and of the lesson's runs (results/lesson/<name>.json: the results.json of
+`train.py ... --out lesson/<name>`).
 
     python -m lab.report            # rewrite every generated block of README.md, docs/results.md, docs/lesson.md
     python -m lab.report --check    # exit 1 if a generated block differs from what the result files give
@@ -54,6 +55,13 @@ def over_bases(d, f):
     return statistics.mean(base_mean(b, f) for b in d["bases"])
 
 
+def objective(d):
+    """What a study's HPA stages ran: "DPO", "PPO (textbook)", "PPO (release)" or "GRPO"."""
+    if d["algo"] == "dpo":
+        return "DPO"
+    return "GRPO" if d["ppo_variant"] == "grpo" else f"PPO ({d['ppo_variant']})"
+
+
 def schedules(d):
     return list(d["knobs"])
 
@@ -61,7 +69,7 @@ def schedules(d):
 def header(d):
     seeds = sorted({len(b["seeds"]) for b in d["bases"]})
     worlds = ", ".join(str(b["world_seed"]) for b in d["bases"])
-    text = (f"{d['algo'].upper()}{' (' + d['ppo_variant'] + ')' if d['ppo_variant'] else ''}, "
+    text = (f"{objective(d)}, "
             f"{len(d['bases'])} bases (worlds {worlds}), "
             f"{seeds[0] if len(seeds) == 1 else f'{seeds[0]} to {seeds[-1]}'} seed{'s' if seeds != [1] else ''} each")
     if d["ideal_chosen"] is not None:
@@ -314,7 +322,7 @@ def answers(d, lighter, ppo=()):
              "(§2.2)."]
     v = verdict_of(win("hbat", "two-stage"))
     with_ppo = "; ".join(
-        f"with PPO ({p['ppo_variant']}) it {verdict_of(w)} two-stage, win rate {pooled(w)} over {len(p['bases'])} bases"
+        f"with {objective(p)} it {verdict_of(w)} two-stage, win rate {pooled(w)} over {len(p['bases'])} bases"
         f" (§5)"
         for p in ppo for w in [[base_mean(b, lambda r: r["h2h"]["hbat"]["two-stage"]) for b in p["bases"]]])
     lines.append(f"2. **Does Hbat beat two-stage?** With DPO, every schedule tuned alike: it {v} two-stage, win "
@@ -383,6 +391,13 @@ def blocks():
         out["dpo-sweep"] = sweep(load("dpo"), lighter)
     if "dpo" in names:
         out["dpo-answers"] = answers(load("dpo"), lighter, [load(n) for n in sorted(names) if n.startswith("ppo_")])
+    path = os.path.join(ROOT, "results", "why", "why.json")
+    if os.path.exists(path):  # docs/results.md §6, from lab.why's file
+        from lab import why
+        with open(path) as f:
+            d = json.load(f)
+        out |= {"why-answers": why.answers(d), "why-overopt": why.overopt_table(d),
+                "why-forgetting": why.forgetting_table(d)}
     lessons = os.path.join(ROOT, "results", "lesson")
     for f in sorted(os.listdir(lessons)) if os.path.isdir(lessons) else []:
         if f.endswith(".json"):  # docs/lesson.md's tables: each lesson command's own, from its results.json

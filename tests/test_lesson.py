@@ -66,5 +66,6 @@ def test_the_lessons_commands_run(tmp_path, cache):
         assert " tax " in table.splitlines()[0] and "  tax: IFA score lost against the SFT model" in table
         if importlib.util.find_spec("matplotlib"):
             assert all((tmp_path / out_of(cmd) / f).exists() for f in ("tradeoff.png", "curves.png"))
+            assert (tmp_path / out_of(cmd) / "overopt.png").exists() == ("--overopt-every" in cmd)
     for cmd in commands("python sample.py") + commands("python -m lab.importance"):
         assert run(cmd).stdout.strip()
