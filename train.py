@@ -106,7 +106,7 @@ def main(argv=None):
         run.rm, rm_accuracy = reward_model(run, base)
     if args.overopt_every:  # the instrument measures every KL from the SFT model too: forgetting against KL
         sft = prepare.lean_load(rt, train_sft(run, base))
-        run.sft = parallel.place(rt, prepare.on_meta(sft.args), sft.state_dict()).eval().requires_grad_(False)
+        run.sft = parallel.place(rt, sft, sft.state_dict()).eval().requires_grad_(False)  # one copy: placed in place
     results = rundir.Results(rt, args.out, args.algo, flags.run_config(args), rm_accuracy)
     for name in tqdm(args.schedules, desc="schedules", position=0, disable=None if rt.rank == 0 else True):
         stages, n_splits = hbat.build(name, args.n_splits, args.epochs_ifa, args.epochs_hpa, args.ewc != "none",

@@ -12,16 +12,19 @@ forgetting.png; `python -m lab.report` turns the file into docs/results.md's tab
 
 1. Over-optimisation (Gao, Schulman and Hilton 2022). Along every HPA stage, every K optimizer steps, the gold
    judge's and the reward model's mean scores of sampled answers on 64 validation prompts against d = √KL(π‖π_SFT)
-   (evaluate.overopt). Per objective, schedule and base, both of their forms fitted by least squares, with the
-   score at d = 0 a free intercept R0 (the instrument reads after steps, never at the SFT model itself):
-       RL          R(d) = R0 + d(α − β log d)     gold peaks at d* = exp(α/β − 1) when β > 0
-       best-of-n   R(d) = R0 + d(α − β d)         gold peaks at d* = α / 2β when β > 0
-2. Forgetting against KL (Shenfeld et al. 2025, "RL's Razor"). Every schedule's final model: its tax (the SFT
-   model's IFA score minus its own, on the test prompts) against its KL from the SFT model on the same prompts
-   (train.py's kl_sft). Pearson's r per base and its t-interval over bases (the base is the unit of replication),
-   r pooled over every point; and whether the on-policy objectives forget less than DPO at the same KL: each PPO or
-   GRPO model's tax minus the tax DPO's models would have at its KL (a line fitted to that base's trained DPO
-   models), its mean per base, then over bases.
+   (evaluate.overopt). Model-free: how far each score moved from the first quarter of the readings to the last,
+   per base, then over bases. And Gao et al.'s forms fitted by least squares per objective, schedule and base, with
+   the score at d = 0 a free intercept R0 (the instrument reads after steps, never at the SFT model itself):
+       RL          R(d) = R0 + d(α − β log d)     the fitted curve peaks at d* = exp(α/β − 1) when β > 0
+       best-of-n   R(d) = R0 + d(α − β d)         it peaks at d* = α / 2β when α, β > 0
+2. Forgetting against KL (Shenfeld et al. 2025, "RL's Razor": forgetting follows one law in KL whatever the
+   algorithm, and on-policy RL forgets less because it reaches its gain at a smaller KL). Every schedule's final
+   model: its tax (the SFT model's IFA score minus its own, on the test prompts) against its KL from the SFT model on
+   the same prompts (train.py's kl_sft; KL(π‖π_SFT) sampled from π, where they measure KL(π_SFT‖π) on the new task's
+   inputs: the test prompts are drawn as the HPA prompts are). Pearson's r per base and its interval over bases
+   (the base is the unit of replication), on the trained models (averaged ones move KL and tax together by
+   construction); and whether one line holds for every objective: each objective's tax minus what the other
+   objectives' line gives at its KL.
 """
 import argparse
 import json
@@ -95,40 +98,59 @@ def collect(args):
 
 
 def fit(d, y, form):
-    """Least squares of y = R0 + α d − β·FORMS[form](d): {"r0", "alpha", "beta", "r2", "peak"} (peak: the d where
-    the fitted curve is highest, None unless it turns down within the readings, d ≤ max(d))."""
+    """Least squares of y = R0 + α d − β·FORMS[form](d): {"r0", "alpha", "beta", "beta_se", "r2", "peak"}. beta_se is
+    β's ordinary least-squares standard error (readings along one run are correlated, so it is optimistic); peak is
+    the d where the fitted curve is highest, given only where the curve turns down clearly (β > 2 standard errors)
+    and that d lies within the readings' range, else None."""
     d, y = np.asarray(d, float), np.asarray(y, float)
     X = np.stack([np.ones_like(d), d, -FORMS[form](d)], 1)
-    (r0, alpha, beta), *_ = np.linalg.lstsq(X, y, rcond=None)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    r0, alpha, beta = (float(c) for c in coef)
+    residual = float(((y - X @ coef) ** 2).sum())
     ss = float(((y - y.mean()) ** 2).sum())
-    r2 = 1 - float(((y - X @ np.array([r0, alpha, beta])) ** 2).sum()) / ss if ss > 0 else float("nan")
-    log_peak = None if beta <= 0 else alpha / beta - 1 if form == "rl" else math.log(max(alpha / (2 * beta), 1e-300))
-    peak = math.exp(log_peak) if log_peak is not None and log_peak <= math.log(max(d.max(), 1e-300)) else None
-    return {"r0": float(r0), "alpha": float(alpha), "beta": float(beta), "r2": r2, "peak": peak}
+    r2 = 1 - residual / ss if ss > 0 else float("nan")
+    cov = residual / max(len(d) - 3, 1) * np.linalg.pinv(X.T @ X)
+    beta_se = float(math.sqrt(max(cov[2, 2], 0.0)))
+    peak = None
+    if beta > 2 * beta_se and beta > 0 and (form == "rl" or alpha > 0):
+        log_peak = alpha / beta - 1 if form == "rl" else math.log(alpha / (2 * beta))
+        if math.log(max(d.min(), 1e-300)) <= log_peak <= math.log(max(d.max(), 1e-300)):
+            peak = math.exp(log_peak)
+    return {"r0": r0, "alpha": alpha, "beta": beta, "beta_se": beta_se, "r2": r2, "peak": peak}
 
 
 def d_of(readings):
     return [math.sqrt(max(r["kl_sft"], 0.0)) for r in readings]
 
 
+def change(readings, score):
+    """The score's mean over the last quarter of the readings minus its mean over the first quarter: how far it moved
+    along the HPA stages, without a model of the curve."""
+    q = max(1, len(readings) // 4)
+    return statistics.mean(r[score] for r in readings[-q:]) - statistics.mean(r[score] for r in readings[:q])
+
+
 def fits(d):
-    """{objective: {schedule: {"gold"|"proxy": {form: [the fit on each base]}}}}."""
+    """{objective: {schedule: {"gold"|"proxy": {form: [the fit on each base], "change": [change() per base]}}}}."""
     out = {}
     for b in d["bases"]:
         for name, run in b["runs"].items():
             for schedule, rs in run["readings"].items():
                 for score in ("gold", "proxy"):
                     if score in rs[0]:
+                        by = out.setdefault(name, {}).setdefault(schedule, {}).setdefault(score, {})
+                        by.setdefault("change", []).append(change(rs, score))
                         for form in FORMS:
-                            out.setdefault(name, {}).setdefault(schedule, {}).setdefault(score, {}).setdefault(
-                                form, []).append(fit(d_of(rs), [r[score] for r in rs], form))
+                            by.setdefault(form, []).append(fit(d_of(rs), [r[score] for r in rs], form))
     return out
 
 
-def points(d):
-    """Every final model: (base, objective, schedule, KL from SFT, tax)."""
+def points(d, only_trained=True):
+    """Every final model: (base, objective, schedule, KL from SFT, tax); without the averaged ones unless asked (an
+    interpolation between SFT and two-stage moves its KL and its tax together by construction)."""
     return [(b["world_seed"], name, schedule, m["kl_sft"], run["sft_ifa"] - m["ifa_score"])
-            for b in d["bases"] for name, run in b["runs"].items() for schedule, m in run["final"].items()]
+            for b in d["bases"] for name, run in b["runs"].items() for schedule, m in run["final"].items()
+            if trained(schedule) or not only_trained]
 
 
 def pearson(xs, ys):
@@ -139,58 +161,69 @@ def trained(schedule):
     return not schedule.startswith("averaged")
 
 
+def mean_r(rs):
+    """(mean, lo, hi) of correlations over bases: the t-interval of their Fisher z, transformed back into [−1, 1]."""
+    m, lo, hi = ci([math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))) for r in rs])
+    return math.tanh(m), math.tanh(lo), math.tanh(hi)
+
+
 def forgetting(d):
-    """The numbers of question 2: r per base, pooled r with its Fisher-z interval, the pooled line, and the on-policy
-    objectives' tax minus DPO's at the same KL, per base."""
-    pts, per_base, residual = points(d), [], []
+    """The numbers of forgetting against KL, on the trained models: Pearson's r per base (and with the averaged
+    models), r pooled over every base with its Fisher-z interval, the pooled line; and per objective, on each base,
+    the mean of its models' tax minus what a line through the other objectives' models gives at their KL, over those
+    of its models whose KL lies within the others' range (no extrapolation): does one line hold for every objective?"""
+    pts = points(d)
+    per_base, with_averaged, residual = [], [], {name: [] for name in OBJECTIVES}
     for b in d["bases"]:
         mine = [p for p in pts if p[0] == b["world_seed"]]
         per_base.append(pearson([p[3] for p in mine], [p[4] for p in mine]))
-        dpo = [p for p in mine if p[1] == "dpo" and trained(p[2])]
-        slope, icept = np.polyfit([p[3] for p in dpo], [p[4] for p in dpo], 1)
-        online = [p for p in mine if p[1] != "dpo" and trained(p[2])]
-        residual.append(statistics.mean(p[4] - (icept + slope * p[3]) for p in online))
+        every = [p for p in points(d, only_trained=False) if p[0] == b["world_seed"]]
+        with_averaged.append(pearson([p[3] for p in every], [p[4] for p in every]))
+        for name in OBJECTIVES:
+            others = [p for p in mine if p[1] != name]
+            slope, icept = np.polyfit([p[3] for p in others], [p[4] for p in others], 1)
+            lo, hi = min(p[3] for p in others), max(p[3] for p in others)
+            inside = [p[4] - (icept + slope * p[3]) for p in mine if p[1] == name and lo <= p[3] <= hi]
+            if inside:
+                residual[name].append(statistics.mean(inside))
     r = pearson([p[3] for p in pts], [p[4] for p in pts])
     z, half = math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))), 1.96 / math.sqrt(len(pts) - 3)  # Fisher's z
     slope, icept = np.polyfit([p[3] for p in pts], [p[4] for p in pts], 1)
-    return {"n": len(pts), "r_per_base": per_base, "r_pooled": r, "r_pooled_ci": (math.tanh(z - half),
-                                                                                   math.tanh(z + half)),
-            "slope": float(slope), "intercept": float(icept), "online_minus_dpo": residual}
+    return {"n": len(pts), "r_per_base": per_base, "r_with_averaged": with_averaged, "r_pooled": r,
+            "r_pooled_ci": (math.tanh(z - half), math.tanh(z + half)), "slope": float(slope),
+            "intercept": float(icept), "residual": residual}
 
 
 NAMES = {"dpo": "DPO", "ppo_textbook": "PPO (textbook)", "ppo_release": "PPO (release)", "ppo_grpo": "GRPO"}
 
 
 def overopt_table(d):
-    """Markdown: per objective and schedule, the fits' coefficients as means over bases."""
-    lines = ["| objective | schedule | readings per base | gold: α, β (RL form) | gold R² RL / best-of-n | gold "
-             "peaks at √KL | proxy: α, β (RL form) | proxy R² RL |", "|---|---|---|---|---|---|---|---|"]
-    f = fits(d)
-    for name in OBJECTIVES:
-        for schedule, by in f.get(name, {}).items():
-            n = statistics.mean(len(b["runs"][name]["readings"][schedule]) for b in d["bases"])
-            g, b_ = by["gold"]["rl"], by["gold"]["bon"]
-            peaks = [x["peak"] for x in g]
-            peak = (f"{statistics.median([p for p in peaks if p is not None]):.2f} (median; "
-                    f"{sum(p is not None for p in peaks)} of {len(peaks)} bases turn down)") if any(
-                p is not None for p in peaks) else "never (no base turns down)"
-            row = [NAMES[name], schedule, f"{n:.0f}", coef(g), r2(g) + " / " + r2(b_), peak]
-            row += [coef(by["proxy"]["rl"]), r2(by["proxy"]["rl"])] if "proxy" in by else ["–", "–"]
-            lines.append("| " + " | ".join(row) + " |")
+    """Markdown: per objective and schedule, how gold and proxy moved along the HPA stages (pooled over bases, with
+    the t-interval over bases), and the RL form's fit to the gold readings (means over bases)."""
+    lines = ["| objective | schedule | readings per base | gold, last quarter − first | proxy, last quarter − first "
+             "| gold fit, RL form: α, β, R² | bases where the fitted gold curve peaks inside the readings "
+             "(median √KL there) |", "|---|---|---|---|---|---|---|"]
+    for name, sch in fits(d).items():
+        for schedule, by in sch.items():
+            n = statistics.mean(len(b["runs"][name]["readings"].get(schedule, [])) for b in d["bases"])
+            g = by["gold"]["rl"]
+            peaks = [x["peak"] for x in g if x["peak"] is not None]
+            proxy = pooled(by["proxy"]["change"], signed=True) if "proxy" in by else "–"
+            lines.append(f"| {NAMES[name]} | {schedule} | {n:.0f} | {pooled(by['gold']['change'], signed=True)} | "
+                         f"{proxy} | {statistics.mean(x['alpha'] for x in g):+.2f}, "
+                         f"{statistics.mean(x['beta'] for x in g):+.2f}, {r2(g)} | {len(peaks)} of {len(g)}"
+                         + (f" ({statistics.median(peaks):.2f})" if peaks else "") + " |")
     return "\n".join(lines)
 
 
-def coef(fs):
-    return f"{statistics.mean(x['alpha'] for x in fs):+.2f}, {statistics.mean(x['beta'] for x in fs):+.2f}"
-
-
 def r2(fs):
-    return f"{statistics.mean(x['r2'] for x in fs):.2f}"
+    values = [x["r2"] for x in fs if not math.isnan(x["r2"])]
+    return f"{statistics.mean(values):.2f}" if values else "–"
 
 
 def forgetting_table(d):
     """Markdown: every final model's KL from SFT and tax, as means over bases, per objective and schedule."""
-    pts = points(d)
+    pts = points(d, only_trained=False)
     lines = ["| objective | schedule | KL from SFT (nats per answer) | tax (IFA score lost) |", "|---|---|---|---|"]
     for name in OBJECTIVES:
         for schedule in dict.fromkeys(p[2] for p in pts if p[1] == name):
@@ -200,34 +233,45 @@ def forgetting_table(d):
     return "\n".join(lines)
 
 
+def direction(per_base, up, down, flat):
+    """up, down or flat by the 95% t-interval over bases of per-base values (flat with one base: no interval)."""
+    if len(per_base) < 2:
+        return flat
+    _, lo, hi = ci(per_base)
+    return up if lo > 0 else down if hi < 0 else flat
+
+
 def answers(d):
-    """The question's answers, in sentences computed from the file."""
-    fo, f = forgetting(d), fits(d)
-    nb = len(d["bases"])
-    turned = {(NAMES[n], s): sum(x["peak"] is not None for x in by["gold"]["rl"]) for n, sch in f.items()
-              for s, by in sch.items()}
-    rising = {(NAMES[n], s): statistics.mean(x["alpha"] for x in by["proxy"]["rl"]) for n, sch in f.items()
-              for s, by in sch.items() if "proxy" in by}
-    lo, hi = fo["r_pooled_ci"]
-    m, rlo, rhi = ci(fo["r_per_base"])
-    res = fo["online_minus_dpo"]
-    verdict = ("forget less than" if ci(res)[2] < 0 else "forget more than" if ci(res)[1] > 0 else
-               "forget neither more nor less than") if nb > 1 else "(one base: no interval)"
+    """The question's answers, in sentences computed from the file; a direction is claimed only where its 95%
+    interval over bases excludes zero."""
+    fo, f, nb = forgetting(d), fits(d), len(d["bases"])
+    overopt = [f"{NAMES[n]} {s}" for n, sch in f.items() for s, by in sch.items() if "proxy" in by
+               and direction(by["gold"]["change"], 1, -1, 0) == -1 and direction(by["proxy"]["change"], 1, -1, 0) == 1]
+    falls = [f"{NAMES[n]} {s}" for n, sch in f.items() for s, by in sch.items()
+             if direction(by["gold"]["change"], 1, -1, 0) == -1]
+    m, lo, hi = mean_r(fo["r_per_base"])
+    ma, loa, hia = mean_r(fo["r_with_averaged"])
+    plo, phi = fo["r_pooled_ci"]
+    relation = direction([math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))) for r in fo["r_per_base"]],
+                         "rises with", "falls with", "shows no relation at this power to")
+    laws = "; ".join(f"{NAMES[n]} {pooled(v, signed=True)} ({len(v)} of {nb} bases)" for n, v in
+                     fo["residual"].items() if v)
+    apart = [NAMES[n] for n, v in fo["residual"].items() if len(v) > 1 and direction(v, 1, -1, 0) != 0]
     return "\n".join([
-        "- **Over-optimisation.** The gold score turns down along the stage (the RL form's β > 0) on "
-        + ", ".join(f"{k} {v}" for k, v in sorted(turned.items(), key=lambda kv: -kv[1]))
-        + f" of {nb} bases (objective and schedule); the reward model's score rises with d at the start (mean α "
-        + ", ".join(f"{a[0]} {a[1]} {v:+.2f}" for a, v in rising.items()) + ").",
-        f"- **Forgetting against KL.** Over {fo['n']} final models ({nb} bases, every objective and schedule), the "
-        f"tax rises with the KL from SFT: Pearson's r = {fo['r_pooled']:+.2f} pooled (95% {lo:+.2f} to {hi:+.2f}, "
-        f"treating models as independent), {m:+.2f} ({rlo:+.2f} to {rhi:+.2f}) as a mean of per-base r over bases; "
-        f"the pooled line is tax = {fo['intercept']:+.3f} {fo['slope']:+.4f} · KL."
-        if fo["r_pooled"] > 0 else
-        f"- **Forgetting against KL.** Over {fo['n']} final models, Pearson's r = {fo['r_pooled']:+.2f} pooled "
-        f"(95% {lo:+.2f} to {hi:+.2f}), {m:+.2f} ({rlo:+.2f} to {rhi:+.2f}) over bases: KL does not predict the tax "
-        "here.",
-        f"- **On-policy against DPO at the same KL.** PPO and GRPO's trained models {verdict} DPO's line predicts at "
-        f"their KL: tax minus DPO's at the same KL {pooled(res, signed=True)} over {nb} bases.",
+        "- **Over-optimisation.** The reward model's score rises along the HPA stages while the gold score falls, "
+        "both intervals over bases excluding zero (last quarter of the readings against the first, §6.1), with: "
+        + (", ".join(overopt) or "no objective and schedule") + ". The gold score falls measurably with: "
+        + (", ".join(falls) or "none") + ".",
+        f"- **Forgetting against KL.** Over the {fo['n']} trained final models ({nb} bases; every objective and "
+        f"schedule), the tax {relation} the KL from SFT: Pearson's r = {m:+.2f} ({lo:+.2f} to {hi:+.2f}) over bases "
+        f"(with the averaged models too: {ma:+.2f}, {loa:+.2f} to {hia:+.2f}); pooled, r = {fo['r_pooled']:+.2f} "
+        f"({plo:+.2f} to {phi:+.2f}, as if the models were independent), on the line tax = {fo['intercept']:+.3f} "
+        f"{fo['slope']:+.4f} · KL (§6.2).",
+        "- **One line for every objective?** Each objective's tax minus what the other objectives' line gives at its "
+        f"KL, within their range of KL: {laws}. " + (
+            ("Off the line, the interval excluding zero: " + ", ".join(apart) + ".") if apart else
+            "No objective's interval excludes zero: on this world, at these KLs, the tax is the same function of KL "
+            "whichever objective moved the model."),
     ])
 
 
@@ -272,11 +316,13 @@ def draw(d, directory):
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     markers = dict(zip(OBJECTIVES, "osD^"))
-    for _, name, schedule, kl, tax in points(d):
+    every = points(d, only_trained=False)
+    for _, name, schedule, kl, tax in every:
         ax.plot(kl, tax, markers[name], color=color(schedule), ms=6, mfc="none" if not trained(schedule) else None)
     fo = forgetting(d)
-    xs = np.linspace(0, max(p[3] for p in points(d)), 50)
-    ax.plot(xs, fo["intercept"] + fo["slope"] * xs, "k--", lw=1, label=f"pooled fit, r = {fo['r_pooled']:+.2f}")
+    xs = np.linspace(0, max(p[3] for p in every), 50)
+    ax.plot(xs, fo["intercept"] + fo["slope"] * xs, "k--", lw=1,
+            label=f"line through the trained models, pooled r = {fo['r_pooled']:+.2f}")
     for name, mk in markers.items():
         ax.plot([], [], mk, color="gray", label=NAMES[name])
     ax.set_xlabel("KL(π‖π_SFT) on the test prompts (nats per answer)")
