@@ -231,10 +231,13 @@ def shuffled(n, batch_size, epochs, seed):
 
 def rollout_batches(n, batch_size, epochs, seed, group_size=1):
     """The prompt indices of each rollout of a PPO stage over n prompts: `shuffled`'s batches of batch_size. With
-    GRPO's group_size K > 1, each rollout samples K answers to batch_size / K prompts, and the stage takes as many
-    rollouts as PPO's: the same number of prompts × answers, over 1/K as many prompt draws."""
-    rollouts = epochs * len(batch_sizes(n, batch_size))
-    return list(itertools.islice(shuffled(n, batch_size // group_size, epochs, seed), rollouts))
+    GRPO's group_size K > 1, rollout for rollout a K-th of PPO's prompts (rounded up), K answers each, drawn in order
+    from the same seeded shuffles: where K divides each of PPO's batch sizes, every rollout samples exactly as many
+    answers as PPO's, so both objectives (and every schedule, however it splits the prompts) train on n × epochs
+    answers, over 1/K as many prompt draws. 40 prompts, batch 16, K 4: PPO [16, 16, 8] per epoch, GRPO [4, 4, 2]."""
+    sizes = [-(-s // group_size) for s in batch_sizes(n, batch_size)] * epochs
+    draws = itertools.chain.from_iterable(shuffled(n, n, epochs, seed))  # one seeded permutation per epoch
+    return [list(itertools.islice(draws, s)) for s in sizes]
 
 
 def batch_sizes(n, batch_size):

@@ -457,15 +457,27 @@ def test_grpo_policy_loss_hand_worked_and_against_a_loop():
     assert ppo.grpo_policy_loss(junk, *args)[0].item() == pytest.approx(loss.item())
 
 
-def test_grpo_rollouts_sample_as_many_answers_as_ppo():
-    """data.rollout_batches: with K = 1 PPO's shuffled batches exactly; with K = 4 as many rollouts, each of a
-    quarter of the prompts, so prompts × answers match PPO's rollout for rollout."""
+@pytest.mark.parametrize("n", [40, 44, 300, 1200])
+def test_grpo_rollouts_sample_as_many_answers_as_ppo(n):
+    """data.rollout_batches: with K = 1 PPO's shuffled batches exactly (also when the batch size does not divide n);
+    with K = 4, rollout for rollout a quarter of PPO's prompts, so prompts × answers match PPO's in every rollout and
+    in all (n × epochs: Hbat's 300-prompt subsets and two-stage's 1200 take the same answers); the draws are the
+    same seeded shuffles in order, each prompt at most once more than another."""
     import data
-    ppo_batches = data.rollout_batches(40, 8, 3, seed=1)
-    assert ppo_batches == list(data.shuffled(40, 8, 3, 1))
-    grpo_batches = data.rollout_batches(40, 8, 3, seed=1, group_size=4)
+    ppo_batches = data.rollout_batches(n, 64 if n >= 300 else 8, 3, seed=1)
+    assert ppo_batches == list(data.shuffled(n, 64 if n >= 300 else 8, 3, 1))
+    grpo_batches = data.rollout_batches(n, 64 if n >= 300 else 8, 3, seed=1, group_size=4)
     assert [len(b) * 4 for b in grpo_batches] == [len(b) for b in ppo_batches]
-    assert len({i for b in grpo_batches for i in b}) == 30  # 15 rollouts x 2 prompts: 3/4 of an epoch of draws
+    drawn = [i for b in grpo_batches for i in b]
+    assert drawn == [i for order in data.shuffled(n, n, 3, 1) for i in order][:len(drawn)] and len(drawn) * 4 == 3 * n
+    counts = [drawn.count(i) for i in range(n)]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_grpo_rollouts_round_up_where_k_does_not_divide_a_batch():
+    import data
+    sizes = [len(b) for b in data.rollout_batches(42, 8, 2, seed=0, group_size=4)]
+    assert sizes == [2, 2, 2, 2, 2, 1] * 2  # PPO's [8, 8, 8, 8, 8, 2]: the last rollout 4 answers where PPO takes 2
 
 
 def test_grpo_rollout_against_its_pieces():
