@@ -45,6 +45,7 @@ OBJECTIVES = {  # name -> its train.py flags and schedules
     "ppo_release": (["--algo", "ppo", "--ppo-variant", "release"], "two-stage,hbat,averaged"),
     "ppo_grpo": (["--algo", "ppo", "--ppo-variant", "grpo"], "two-stage,hbat,averaged"),
 }
+SHARED = ("two-stage", "hbat")  # the schedules every objective runs
 ALPHAS = "0.25,0.5,0.75"  # averaged's α: 0 and 1 are the SFT model and two-stage themselves
 EVERY = 4                 # --overopt-every
 FORMS = {"rl": lambda d: d * np.log(np.where(d > 0, d, 1.0)), "bon": lambda d: d * d}  # the β term, without β
@@ -171,7 +172,9 @@ def forgetting(d):
     """The numbers of forgetting against KL, on the trained models: Pearson's r per base (and with the averaged
     models), r pooled over every base with its Fisher-z interval, the pooled line; and per objective, on each base,
     the mean of its models' tax minus what a line through the other objectives' models gives at their KL, over those
-    of its models whose KL lies within the others' range (no extrapolation): does one line hold for every objective?"""
+    of its models whose KL lies within the others' range (no extrapolation), like for like: only the schedules every
+    objective runs (SHARED; DPO's others add an IFA loss to the preference stage): does one line hold for every
+    objective?"""
     pts = points(d)
     per_base, with_averaged, residual = [], [], {name: [] for name in OBJECTIVES}
     for b in d["bases"]:
@@ -179,11 +182,12 @@ def forgetting(d):
         per_base.append(pearson([p[3] for p in mine], [p[4] for p in mine]))
         every = [p for p in points(d, only_trained=False) if p[0] == b["world_seed"]]
         with_averaged.append(pearson([p[3] for p in every], [p[4] for p in every]))
+        shared = [p for p in mine if p[2] in SHARED]
         for name in OBJECTIVES:
-            others = [p for p in mine if p[1] != name]
+            others = [p for p in shared if p[1] != name]
             slope, icept = np.polyfit([p[3] for p in others], [p[4] for p in others], 1)
             lo, hi = min(p[3] for p in others), max(p[3] for p in others)
-            inside = [p[4] - (icept + slope * p[3]) for p in mine if p[1] == name and lo <= p[3] <= hi]
+            inside = [p[4] - (icept + slope * p[3]) for p in shared if p[1] == name and lo <= p[3] <= hi]
             if inside:
                 residual[name].append(statistics.mean(inside))
     r = pearson([p[3] for p in pts], [p[4] for p in pts])
@@ -247,31 +251,35 @@ def answers(d):
     fo, f, nb = forgetting(d), fits(d), len(d["bases"])
     overopt = [f"{NAMES[n]} {s}" for n, sch in f.items() for s, by in sch.items() if "proxy" in by
                and direction(by["gold"]["change"], 1, -1, 0) == -1 and direction(by["proxy"]["change"], 1, -1, 0) == 1]
-    falls = [f"{NAMES[n]} {s}" for n, sch in f.items() for s, by in sch.items()
-             if direction(by["gold"]["change"], 1, -1, 0) == -1]
+    falls, rises = ([f"{NAMES[n]} {s}" for n, sch in f.items() for s, by in sch.items()
+                     if direction(by["gold"]["change"], 1, -1, 0) == sign] for sign in (-1, 1))
     m, lo, hi = mean_r(fo["r_per_base"])
     ma, loa, hia = mean_r(fo["r_with_averaged"])
     plo, phi = fo["r_pooled_ci"]
     relation = direction([math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))) for r in fo["r_per_base"]],
                          "rises with", "falls with", "shows no relation at this power to")
-    laws = "; ".join(f"{NAMES[n]} {pooled(v, signed=True)} ({len(v)} of {nb} bases)" for n, v in
-                     fo["residual"].items() if v)
+    laws = "; ".join(f"{NAMES[n]} {pooled(v, signed=True)}" + (f" ({len(v)} of {nb} bases)" if len(v) < nb else "")
+                     for n, v in fo["residual"].items() if v)
+    beyond = [NAMES[n] for n, v in fo["residual"].items() if not v]
     apart = [NAMES[n] for n, v in fo["residual"].items() if len(v) > 1 and direction(v, 1, -1, 0) != 0]
     return "\n".join([
         "- **Over-optimisation.** The reward model's score rises along the HPA stages while the gold score falls, "
         "both intervals over bases excluding zero (last quarter of the readings against the first, §6.1), with: "
         + (", ".join(overopt) or "no objective and schedule") + ". The gold score falls measurably with: "
-        + (", ".join(falls) or "none") + ".",
+        + (", ".join(falls) or "none") + "; it rises measurably with: " + (", ".join(rises) or "none") + ".",
         f"- **Forgetting against KL.** Over the {fo['n']} trained final models ({nb} bases; every objective and "
         f"schedule), the tax {relation} the KL from SFT: Pearson's r = {m:+.2f} ({lo:+.2f} to {hi:+.2f}) over bases "
         f"(with the averaged models too: {ma:+.2f}, {loa:+.2f} to {hia:+.2f}); pooled, r = {fo['r_pooled']:+.2f} "
         f"({plo:+.2f} to {phi:+.2f}, as if the models were independent), on the line tax = {fo['intercept']:+.3f} "
         f"{fo['slope']:+.4f} · KL (§6.2).",
-        "- **One line for every objective?** Each objective's tax minus what the other objectives' line gives at its "
-        f"KL, within their range of KL: {laws}. " + (
+        "- **One line for every objective?** Each objective's two-stage and Hbat models: their tax minus what the "
+        f"other objectives' two-stage and Hbat models' line gives at their KL, within that line's range of KL: {laws}"
+        + (f" ({', '.join(beyond)}: no model within the others' range of KL)" if beyond else "") + ". " + (
             ("Off the line, the interval excluding zero: " + ", ".join(apart) + ".") if apart else
-            "No objective's interval excludes zero: on this world, at these KLs, the tax is the same function of KL "
-            "whichever objective moved the model."),
+            f"No objective's interval excludes zero: at this power ({nb} bases) one line for every objective is not "
+            "rejected" + (" (point estimates: " + ", ".join(f"{NAMES[n]} {'above' if statistics.mean(v) > 0 else 'below'}"
+                                                           for n, v in fo["residual"].items() if v) + ")" if laws else "")
+            + "."),
     ])
 
 
