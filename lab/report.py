@@ -364,6 +364,24 @@ def answers(d, lighter, ppo=()):
     return "\n".join(lines)
 
 
+def moved_by_equal_answers(before, after):
+    """What making GRPO's rollouts take exactly PPO's answers moved: examples, verdicts and win rates, before and
+    after, from the two committed files."""
+    def examples(d):
+        return {n: sorted({sum(st["examples"] for st in r["stages"][n]) for b in d["bases"] for r in b["runs"]})
+                for n in schedules(d) if n != "averaged"}
+
+    def wins(d):
+        return {n: [base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]] for n in schedules(d)
+                if n != "two-stage"}
+    w0, w1 = wins(before), wins(after)
+    return (f"Examples trained on, before → after: " + "; ".join(
+        f"{SHORT[n]} {', '.join(map(str, examples(before)[n]))} → {', '.join(map(str, examples(after)[n]))}"
+        for n in examples(after)) + ". Win rate against the tuned two-stage, before → after: " + "; ".join(
+        f"{SHORT[n]} {pooled(w0[n])} ({verdict_of(w0[n])}) → {pooled(w1[n])} ({verdict_of(w1[n])})" for n in w1)
+        + ".")
+
+
 def blocks():
     """NAME -> its text, for every generated block."""
     out = {}
@@ -391,6 +409,10 @@ def blocks():
         out["dpo-sweep"] = sweep(load("dpo"), lighter)
     if "dpo" in names:
         out["dpo-answers"] = answers(load("dpo"), lighter, [load(n) for n in sorted(names) if n.startswith("ppo_")])
+    earlier = os.path.join(ROOT, "results", "earlier", "ppo_grpo_unequal_answers.json")
+    if "ppo_grpo" in names and os.path.exists(earlier):
+        with open(earlier) as f:
+            out["ppo_grpo-moved"] = moved_by_equal_answers(json.load(f), load("ppo_grpo"))
     path = os.path.join(ROOT, "results", "why", "why.json")
     if os.path.exists(path):  # docs/results.md §6, from lab.why's file
         from lab import why

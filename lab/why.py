@@ -318,6 +318,9 @@ def draw(d, directory):
                 ax.set_ylabel(f"{score} score of sampled answers")
             if ax.lines:
                 ax.legend(fontsize=7)
+            else:  # DPO: no reward model to score its answers
+                ax.text(0.5, 0.5, f"{NAMES[name]} has no reward model", ha="center", transform=ax.transAxes)
+                ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "overopt.png"), dpi=110)
     plt.close(fig)
