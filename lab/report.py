@@ -375,7 +375,7 @@ def moved_by_equal_answers(before, after):
         return {n: [base_mean(b, lambda r: r["h2h"][n]["two-stage"]) for b in d["bases"]] for n in schedules(d)
                 if n != "two-stage"}
     w0, w1 = wins(before), wins(after)
-    return (f"Examples trained on, before → after: " + "; ".join(
+    return ("Examples trained on, before → after: " + "; ".join(
         f"{SHORT[n]} {', '.join(map(str, examples(before)[n]))} → {', '.join(map(str, examples(after)[n]))}"
         for n in examples(after)) + ". Win rate against the tuned two-stage, before → after: " + "; ".join(
         f"{SHORT[n]} {pooled(w0[n])} ({verdict_of(w0[n])}) → {pooled(w1[n])} ({verdict_of(w1[n])})" for n in w1)

@@ -68,3 +68,15 @@ def test_verdicts_say_beats_only_with_an_interval_above_a_tie():
     assert "**Hbat** (beats two-stage, 0.620 (" in text
     assert "**two-stage** (the baseline): ties averaged; loses to Hbat." in text
     assert "the same 10 examples" in text
+
+
+def test_what_the_equal_answer_fix_moved_reads_both_files():
+    """moved_by_equal_answers: each schedule's examples (the set over runs) and Hbat's pooled win rate with its
+    verdict, before and after, from the two files: 0.45 on every base (no spread: an interval below a tie) to 0.60,
+    0.62, 0.64 (beats)."""
+    before = study([[(0.5, 2.0, 0.5, 2.0, 0.45)] for _ in range(3)])
+    before["bases"][0]["runs"][0]["stages"]["hbat"][0]["examples"] = 12
+    after = study([[(0.5, 2.0, 0.5, 2.0, w)] for w in (0.60, 0.62, 0.64)])
+    text = report.moved_by_equal_answers(before, after)
+    assert "two-stage 10 → 10; Hbat 10, 12 → 10." in text
+    assert "Hbat 0.450 (0.450 to 0.450) (loses to) → 0.620 (0.570 to 0.670) (beats)" in text
