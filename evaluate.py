@@ -23,7 +23,6 @@ rates then use it):
 
 A pairwise judge (GPT-4 comparing two answers, as the paper does) overrides `win_rate` instead.
 """
-import contextlib
 import pickle
 
 import torch
@@ -105,19 +104,19 @@ def sampled_kl(rt, policy, references, task, records, max_new_tokens, max_seq_le
     from ppo import collate, response_logprobs  # the rollout's own alignment of prompt and answer tokens
     prompts = data.encode_prompts(records, task.tok, max_len=max_seq_len - max_new_tokens)
     device = next(policy.parameters()).device
-    generator, texts, kl = torch.Generator(device=device).manual_seed(seed), [], dict.fromkeys(references, 0.0)
-    with contextlib.ExitStack() as stack:
-        for m in (policy, *references.values()):
-            stack.enter_context(parallel.gathered(rt, m))
+    generator, texts, batches = torch.Generator(device=device).manual_seed(seed), [], []
+    with parallel.gathered(rt, policy):
         for i in range(0, len(prompts), EVAL_BATCH):
             batch = prompts[i:i + EVAL_BATCH]
             sampled = policy.generate(batch, max_new_tokens, temperature=1.0, eos_id=task.tok.eos_id,
                                       generator=generator)
             _, _, tokens, pad_mask, masks = collate(batch, sampled, task.tok.pad_id, device)
-            logp = response_logprobs(policy, tokens, pad_mask, masks)
-            for name, ref in references.items():
-                kl[name] += (logp - response_logprobs(ref, tokens, pad_mask, masks)).sum().item()
+            batches.append((tokens, pad_mask, masks, response_logprobs(policy, tokens, pad_mask, masks)))
             texts += [task.tok.decode(ids[:-1] if ids and ids[-1] == task.tok.eos_id else ids) for ids in sampled]
+    kl = {}
+    for name, ref in references.items():  # under FSDP one whole reference gathered at a time, not all of them
+        with parallel.gathered(rt, ref):
+            kl[name] = sum((logp - response_logprobs(ref, *b)).sum().item() for *b, logp in batches)
     return texts, {name: v / len(prompts) for name, v in kl.items()}
 
 
