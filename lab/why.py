@@ -1,8 +1,8 @@
 """
 Why is the tax paid? Two measurements that only a world with an exact, never-trained-on gold judge can make.
 
-    python -m lab.why --world-seeds 0 1 2 --jobs 2    # run (resumes run by run), then collect
-    python -m lab.why --world-seeds 0 1 2 --collect   # collect what has finished
+    python -m lab.why --world-seeds 0 1 2 3 --jobs 2    # run (resumes run by run), then collect
+    python -m lab.why --world-seeds 0 1 2 3 --collect   # collect what has finished
     python -m lab.why --dry                           # the train.py commands
 
 Per base model (--world-seed), one run of each HPA objective at its default settings with the instrument on
@@ -348,7 +348,7 @@ def draw(d, directory):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--world-seeds", type=int, nargs="+", default=[0, 1, 2], help="the base models")
+    p.add_argument("--world-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="the base models")
     p.add_argument("--seed", type=int, default=0, help="the training seed")
     p.add_argument("--root", default="runs/why", help="where the runs go")
     p.add_argument("--json", default="results/why/why.json", help="what collect writes")
