@@ -35,6 +35,7 @@ import sys
 
 import numpy as np
 
+from infra.rundir import read_metrics
 from lab.protocol import run_all
 from lab.report import ci, pooled
 
@@ -70,13 +71,11 @@ def collect_run(out):
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     readings = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "overopt/kl" in r:
-                readings.setdefault(r["schedule"], []).append(
-                    {"step": r["step"], "stage_index": r["stage_index"]}
-                    | {k.split("/")[1]: v for k, v in r.items() if k.startswith("overopt/")})
+    for r in read_metrics(os.path.join(out, "metrics.jsonl")):
+        if "overopt/kl" in r:
+            readings.setdefault(r["schedule"], []).append({"step": r["step"], "stage_index": r["stage_index"]}
+                                                          | {k.split("/")[1]: v for k, v in r.items()
+                                                             if k.startswith("overopt/")})
     schedules = res["schedules"]
     keep = ("ifa_score", "hpa_score", "rm_score", "kl_sft")
     return {"sft_ifa": schedules["two-stage"]["stages"][0]["eval"]["ifa_score"],
