@@ -161,9 +161,13 @@ def trained(schedule):
     return not schedule.startswith("averaged")
 
 
+def fisher_z(r):
+    return math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r)))  # finite at r = ±1
+
+
 def mean_r(rs):
     """(mean, lo, hi) of correlations over bases: the t-interval of their Fisher z, transformed back into [−1, 1]."""
-    m, lo, hi = ci([math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))) for r in rs])
+    m, lo, hi = ci([fisher_z(r) for r in rs])
     return math.tanh(m), math.tanh(lo), math.tanh(hi)
 
 
@@ -174,12 +178,12 @@ def forgetting(d):
     of its models whose KL lies within the others' range (no extrapolation), like for like: only the schedules every
     objective runs (SHARED; DPO's others add an IFA loss to the preference stage): does one line hold for every
     objective?"""
-    pts = points(d)
+    pts, all_pts = points(d), points(d, only_trained=False)
     per_base, with_averaged, residual = [], [], {name: [] for name in OBJECTIVES}
     for b in d["bases"]:
         mine = [p for p in pts if p[0] == b["world_seed"]]
         per_base.append(pearson([p[3] for p in mine], [p[4] for p in mine]))
-        every = [p for p in points(d, only_trained=False) if p[0] == b["world_seed"]]
+        every = [p for p in all_pts if p[0] == b["world_seed"]]
         with_averaged.append(pearson([p[3] for p in every], [p[4] for p in every]))
         shared = [p for p in mine if p[2] in SHARED]
         for name in OBJECTIVES:
@@ -190,7 +194,7 @@ def forgetting(d):
             if inside:
                 residual[name].append(statistics.mean(inside))
     r = pearson([p[3] for p in pts], [p[4] for p in pts])
-    z, half = math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))), 1.96 / math.sqrt(len(pts) - 3)  # Fisher's z
+    z, half = fisher_z(r), 1.96 / math.sqrt(len(pts) - 3)
     slope, icept = np.polyfit([p[3] for p in pts], [p[4] for p in pts], 1)
     return {"n": len(pts), "r_per_base": per_base, "r_with_averaged": with_averaged, "r_pooled": r,
             "r_pooled_ci": (math.tanh(z - half), math.tanh(z + half)), "slope": float(slope),
@@ -204,17 +208,17 @@ def overopt_table(d):
     """Markdown: per objective and schedule, how gold and proxy moved along the HPA stages (pooled over bases, with
     the t-interval over bases), and the RL form's fit to the gold readings (means over bases)."""
     lines = ["| objective | schedule | readings per base | gold, last quarter − first | proxy, last quarter − first "
-             "| gold fit, RL form: α, β, R² | bases where the fitted gold curve peaks inside the readings "
+             "| gold fit, RL form: α, β, R² (best-of-n form's R²) | bases where the fitted gold curve peaks inside the readings "
              "(median √KL there) |", "|---|---|---|---|---|---|---|"]
     for name, sch in fits(d).items():
         for schedule, by in sch.items():
             n = statistics.mean(len(b["runs"][name]["readings"].get(schedule, [])) for b in d["bases"])
-            g = by["gold"]["rl"]
+            g, bon = by["gold"]["rl"], by["gold"]["bon"]
             peaks = [x["peak"] for x in g if x["peak"] is not None]
             proxy = pooled(by["proxy"]["change"], signed=True) if "proxy" in by else "–"
             lines.append(f"| {NAMES[name]} | {schedule} | {n:.0f} | {pooled(by['gold']['change'], signed=True)} | "
                          f"{proxy} | {statistics.mean(x['alpha'] for x in g):+.2f}, "
-                         f"{statistics.mean(x['beta'] for x in g):+.2f}, {r2(g)} | {len(peaks)} of {len(g)}"
+                         f"{statistics.mean(x['beta'] for x in g):+.2f}, {r2(g)} ({r2(bon)}) | {len(peaks)} of {len(g)}"
                          + (f" ({statistics.median(peaks):.2f})" if peaks else "") + " |")
     return "\n".join(lines)
 
@@ -255,8 +259,8 @@ def answers(d):
     m, lo, hi = mean_r(fo["r_per_base"])
     ma, loa, hia = mean_r(fo["r_with_averaged"])
     plo, phi = fo["r_pooled_ci"]
-    relation = direction([math.atanh(max(-1 + 1e-12, min(1 - 1e-12, r))) for r in fo["r_per_base"]],
-                         "rises with", "falls with", "shows no relation at this power to")
+    relation = direction([fisher_z(r) for r in fo["r_per_base"]], "rises with", "falls with",
+                         "shows no relation at this power to")
     laws = "; ".join(f"{NAMES[n]} {pooled(v, signed=True)}" + (f" ({len(v)} of {nb} bases)" if len(v) < nb else "")
                      for n, v in fo["residual"].items() if v)
     beyond = [NAMES[n] for n, v in fo["residual"].items() if not v]
