@@ -6,7 +6,7 @@ of the project runs without it):
     OUT/curves.png     IFA and HPA score against optimizer steps, a point at each stage's end and a dotted line at
                        each stage boundary, with the SFT model's scores as a grey reference
     OUT/overopt.png    with the over-optimisation instrument on (--overopt-every): the gold judge's and the reward
-                       model's scores of sampled answers against √KL from the SFT model, one line per HPA stage
+                       model's scores of sampled answers against √KL from the SFT model, a dot per reading
 
 One colour per schedule in every figure of the project (`COLORS`).
 """
@@ -97,12 +97,11 @@ def overopt(out, plt):
     scores = [k for k in ("gold", "proxy") if f"overopt/{k}" in rows[0]]
     fig, axes = plt.subplots(1, len(scores), figsize=(5.5 * len(scores), 4), squeeze=False)
     for ax, key in zip(axes[0], scores):
-        for name in dict.fromkeys(r["schedule"] for r in rows):
-            for i, index in enumerate(dict.fromkeys(r["stage_index"] for r in rows if r["schedule"] == name)):
-                rs = [r for r in rows if r["schedule"] == name and r["stage_index"] == index]
-                ax.plot([math.sqrt(max(r["overopt/kl_sft"], 0.0)) for r in rs], [r[f"overopt/{key}"] for r in rs],
-                        "o-", ms=3, color=color(name), label=name if i == 0 else None)
-        ax.set_xlabel("√KL(π‖π_SFT) of sampled answers (a line per HPA stage)")
+        for name in dict.fromkeys(r["schedule"] for r in rows):  # dots, not lines: Hbat's IFA stages move the KL
+            rs = [r for r in rows if r["schedule"] == name]       # back, so joined in step order they zig-zag
+            ax.plot([math.sqrt(max(r["overopt/kl_sft"], 0.0)) for r in rs], [r[f"overopt/{key}"] for r in rs],
+                    "o", ms=4, alpha=0.8, color=color(name), label=name)
+        ax.set_xlabel("√KL(π‖π_SFT) of sampled answers (a dot per reading)")
         ax.set_title({"gold": "gold judge (never trained on)", "proxy": "reward model (what PPO climbs)"}[key])
         ax.legend(fontsize=7)
     fig.tight_layout()
