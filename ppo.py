@@ -403,16 +403,16 @@ def collate(prompts, responses, pad_id, device=None):
     return tokens[:, :Tq], tokens[:, Tq:], tokens, pad_mask, pad_mask[:, Tq:]
 
 
-def true_kl(policy, ref_model, tokens, pad_mask, masks):
-    """KL(π‖π_ref) of the full next-token distributions at each response position: (B, Tr), 0 on padding.
-
-    The quantity the k1/k3 estimates in the reward approximate; only reported. The distributions come from
-    model.next_token_logprobs, at the N response tokens only."""
+def response_distributions(model, tokens, pad_mask, masks):
+    """model.next_token_logprobs at the N response tokens of tokens (the Rollout example), in masks.nonzero() order:
+    (N, V) float32, the rows token_logprobs reads the sampled tokens' log-probs from."""
     b, j = masks.nonzero(as_tuple=True)
-    at = (b, tokens.shape[1] - masks.shape[1] + j)  # response column j is column Tq + j of tokens (`collate`)
-    logp, ref_logp = (m.next_token_logprobs(tokens, at, pad_mask) for m in (policy, ref_model))  # (N, V) each
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
-    return torch.zeros(masks.shape, device=kl.device).index_put((b, j), kl)
+    return model.next_token_logprobs(tokens, (b, tokens.shape[1] - masks.shape[1] + j), pad_mask)  # column Tq + j
+
+
+def at_responses(x, masks):
+    """(N,) values at the response tokens, in masks.nonzero() order -> (B, Tr) float32, 0 on padding."""
+    return torch.zeros(masks.shape, device=x.device).index_put(masks.nonzero(as_tuple=True), x.float())
 
 
 def response_logprobs(model, tokens, pad_mask, masks, with_entropy=False):
@@ -473,9 +473,12 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
         has_eos = torch.tensor([r[-1] == eos_id for r in sampled], device=device)
         rm_scores = reward_model.score(tokens, F.pad(masks, (queries.shape[1], 0), value=False), pad_mask)
         scores = rm_scores if cfg.eos_penalty is None else torch.where(has_eos, rm_scores, cfg.eos_penalty)
-        # 3. Log-probs of the sampled tokens under π_old and π_ref, one pass each, and the critic's values.
-        logprobs, entropy = response_logprobs(policy, tokens, pad_mask, masks, with_entropy=True)
-        ref_logprobs = response_logprobs(ref_model, tokens, pad_mask, masks)
+        # 3. Log-probs of the sampled tokens under π_old and π_ref, one pass each: their whole next-token
+        #    distributions, from which the policy's entropy and the exact KL come too (step 6).
+        dist, ref_dist = (response_distributions(m, tokens, pad_mask, masks) for m in (policy, ref_model))  # (N, V)
+        sampled_ids = responses[masks][:, None]
+        logprobs, ref_logprobs = (at_responses(d.gather(-1, sampled_ids).squeeze(-1), masks) for d in (dist, ref_dist))
+        entropy = at_responses(-(dist.exp() * dist).sum(-1), masks)
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * masks
         if release:  # 4-5 (§4.3): R_j = r·γ^(j+1) - β·max(0, k1), whitened by the queue, is the advantage
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -495,8 +498,8 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
             # 5. Advantages by GAE; returns before whitening are the critic's targets; whiten advantages (§4.2).
             advantages, returns = compute_gae(rewards, values, masks, cfg.gamma, cfg.lam)
             advantages = whiten(advantages, masks)
-        # 6. Diagnostics: the exact KL beside its estimate (one more forward pass of each model).
-        kl_full = true_kl(policy, ref_model, tokens, pad_mask, masks)
+        # 6. Diagnostics: the exact KL beside its estimate, the quantity k1/k3 estimate (only reported).
+        kl_full = at_responses((dist.exp() * (dist - ref_dist)).sum(-1), masks)
     ro = Rollout(queries, responses, tokens, pad_mask, masks, logprobs, ref_logprobs, values, rewards, advantages,
                  returns, scores)
     metrics = {
