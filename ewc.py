@@ -6,7 +6,7 @@ The functional core, each a pure function that a test can call with hand-made te
     ewc_penalty       L_EWC = Σ_n F_n · Σ_elements (λ · (θ_n − θ*_n))²                     §3.3
     fisher_diag       F_i = mean over examples of (∂ log p(y|x) / ∂θ_i)²                   §3.5
 and `EWC`, the small stateful part the schedule drives: the two never-reset accumulators Ω^IFA and Ω^HPA (§3.1),
-which of them protects which stage (§3.2), the anchor θ*, and the methods of `--ewc`:
+which of them weighs which stage's penalty (§3.2), the anchor θ*, and the methods of `--ewc`:
     modified  the penalty above (Hbat)
     uniform   the control: the same penalty and total weight Σ_n F_n, spread equally over the tensors (a plain L2
               pull to θ*): the importance weighting matters only where modified beats it
@@ -160,7 +160,7 @@ class EWC:
     (weighted by Ω^HPA): a stage is penalised with the other objective's importance (§3.2), so IFA_1 has no penalty
     (and its Stage says so).
     For "original", end_stage takes the Fisher of the stage just finished on that stage's examples (stage_fisher);
-    Fishers of stages of the same kind are summed and protect the later stages of the other kind.
+    Fishers of stages of the same kind are summed and weigh the penalty of the later stages of the other kind.
     Memory: the anchor is one copy of the trainable weights in their dtype and on their device (§3.4), held from
     begin_stage to end_stage; element-wise and Fisher weights add an fp32 copy. Accumulators stay on the CPU.
     """

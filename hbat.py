@@ -16,7 +16,7 @@ and the cheap alternatives a reader asks about next (docs/method.md §7):
     alright     one stage whose every step draws IFA or DPO at random, weighted by λ          (ALRIGHT)
 
 "Hbat without EWC" (alternation alone) is `hbat` with `--ewc none`; the other EWC variants (original, freeze,
-random) come through `--ewc` too, since they change how a stage is protected, not the order of the stages.
+random) come through `--ewc` too, since they change how a stage is held near its start, not the order of the stages.
 `split` cuts D_IFA and D_HPA into the N subsets (§2.2 step 1); `steps` lays a stage's batches out as optimizer steps;
 `stage_seed` seeds each stage's randomness.
 """

@@ -20,7 +20,7 @@ PRESETS = {
                     max_new_tokens=24, ifa_styled=0.0),
     # a class's first run (docs/lesson.md): the reproduction's architecture on less pretraining and data, and DPO at
     # half its lr, set by a few trial runs so that the weaker base shows the tax without its judge score collapsing;
-    # about two and a half minutes on 2 CPU cores from an empty cache. The verdicts are the study's (docs/results.md)
+    # two to three minutes on 2 CPU cores from an empty cache. The verdicts are the study's (docs/results.md)
     "lesson": dict(n_ifa=800, n_hpa=800, n_test=100, n_val=100, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                    pretrain_steps=1000, pretrain_batch=32, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                    lr_ifa=2e-4, lr_hpa=1e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,

@@ -1,7 +1,7 @@
 """The lab: what measures the method rather than runs it. Each file runs as a command from the repository root.
 
     protocol.py      every schedule tuned alike on validation prompts, then   python -m lab.protocol --help
-                     compared head to head on test prompts (docs/results.md §1-4)
+                     compared head to head on test prompts (docs/results.md §1-7)
     report.py        the tables of README and docs/results.md, from the       python -m lab.report [--check]
                      committed results/protocol/*.json
     study.py         the ablation studies over seeds and bases (docs/results-earlier.md)   python -m lab.study --help

@@ -319,14 +319,14 @@ def answers(d, lighter, ppo=()):
     _, lo, hi = ci(tax)
     lines = [f"1. **Is there an alignment tax?** {'Yes' if lo > 0 else 'No' if hi < 0 else 'Not measurably'}: the "
              f"SFT model's IFA score minus the tuned two-stage's, paired per base, is {pooled(tax, signed=True)} "
-             "(§2.2)."]
+             "(§2)."]
     v = verdict_of(win("hbat", "two-stage"))
     with_ppo = "; ".join(
         f"with {objective(p)} it {verdict_of(w)} two-stage, win rate {pooled(w)} over {len(p['bases'])} bases"
-        f" (§5)"
+        f" (§3.2)"
         for p in ppo for w in [[base_mean(b, lambda r: r["h2h"]["hbat"]["two-stage"]) for b in p["bases"]]])
     lines.append(f"2. **Does Hbat beat two-stage?** With DPO, every schedule tuned alike: it {v} two-stage, win "
-                 f"rate {pooled(win('hbat', 'two-stage'))} over {len(d['bases'])} bases (§2.6); " + (
+                 f"rate {pooled(win('hbat', 'two-stage'))} over {len(d['bases'])} bases (§3.1); " + (
                      with_ppo or "with PPO it has not been measured under the protocol yet (the earlier studies: "
                      "[results-earlier.md](results-earlier.md))") + ".")
     others = [n for n in schedules(d) if n != "two-stage"]
@@ -336,7 +336,7 @@ def answers(d, lighter, ppo=()):
     lines.append("3. **Against the cheap alternatives?** " + ("No schedule beats another head to head" if not most else
                  "; ".join(f"{SHORT[a]} beats " + ", ".join(SHORT[b] for b in beaten[a]) for a in tops)
                  + f" head to head ({most} of {len(schedules(d)) - 1}), the most of any schedule")
-                 + "; Hbat beats " + (", ".join(SHORT[b] for b in beaten["hbat"]) or "none") + " (§2.3, §2.6).")
+                 + "; Hbat beats " + (", ".join(SHORT[b] for b in beaten["hbat"]) or "none") + " (§3.1, §5).")
     if d["algo"] == "dpo":
         every = [r["stages"] for b in d["bases"] for r in b["runs"]]
 
@@ -347,7 +347,7 @@ def answers(d, lighter, ppo=()):
         lines.append(f"4. **Where do the objectives conflict?** The cosine between the IFA and the DPO gradient is "
                      f"{start:+.3f} at the base; two-stage's DPO stage ends at {end('two-stage', 1):+.3f}, Hbat's "
                      f"stages end between {min(hb):+.3f} and {max(hb):+.3f} (a mean over {len(every)} runs; "
-                     "negative: a step down one loss is a step up the other; §2.5).")
+                     "negative: a step down one loss is a step up the other; §6).")
     if lighter:
         shares = [(0.7, d)] + [(x["ideal_chosen"], x) for x in lighter]
         worlds = [b["world_seed"] for b in lighter[0]["bases"]]
@@ -360,7 +360,7 @@ def answers(d, lighter, ppo=()):
         lines.append("5. **Does the world's construction decide it?** As fewer chosen answers are the ideal one, the "
                      "win rates against the tuned two-stage on worlds " + ", ".join(map(str, worlds)) + " go: "
                      + "; ".join(f"{SHORT[n]} " + " → ".join(f"{on(x, n)} at {share:g}" for share, x in shares)
-                                 for n in ("rpo", "hbat")) + " (§3).")
+                                 for n in ("rpo", "hbat")) + " (§7).")
     return "\n".join(lines)
 
 
@@ -414,7 +414,7 @@ def blocks():
         with open(earlier) as f:
             out["ppo_grpo-moved"] = moved_by_equal_answers(json.load(f), load("ppo_grpo"))
     path = os.path.join(ROOT, "results", "why", "why.json")
-    if os.path.exists(path):  # docs/results.md §6, from lab.why's file
+    if os.path.exists(path):  # docs/results.md §8, from lab.why's file
         from lab import why
         with open(path) as f:
             d = json.load(f)

@@ -267,14 +267,14 @@ def answers(d):
     apart = [NAMES[n] for n, v in fo["residual"].items() if len(v) > 1 and direction(v, 1, -1, 0) != 0]
     return "\n".join([
         "- **Over-optimisation.** The reward model's score rises along the HPA stages while the gold score falls, "
-        "both intervals over bases excluding zero (last quarter of the readings against the first, §6.1), with: "
+        "both intervals over bases excluding zero (last quarter of the readings against the first, §8.1), with: "
         + (", ".join(overopt) or "no objective and schedule") + ". The gold score falls measurably with: "
         + (", ".join(falls) or "none") + "; it rises measurably with: " + (", ".join(rises) or "none") + ".",
         f"- **Forgetting against KL.** Over the {fo['n']} trained final models ({nb} bases; every objective and "
         f"schedule), the tax {relation} the KL from SFT: Pearson's r = {m:+.2f} ({lo:+.2f} to {hi:+.2f}) over bases "
         f"(with the averaged models too: {ma:+.2f}, {loa:+.2f} to {hia:+.2f}); pooled, r = {fo['r_pooled']:+.2f} "
         f"({plo:+.2f} to {phi:+.2f}, as if the models were independent), on the line tax = {fo['intercept']:+.3f} "
-        f"{fo['slope']:+.4f} · KL (§6.2).",
+        f"{fo['slope']:+.4f} · KL (§8.2).",
         "- **One line for every objective?** Each objective's two-stage and Hbat models: their tax minus what the "
         f"other objectives' two-stage and Hbat models' line gives at their KL, within that line's range of KL: {laws}"
         + (f" ({', '.join(beyond)}: no model within the others' range of KL)" if beyond else "") + ". " + (
