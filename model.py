@@ -231,10 +231,11 @@ class Transformer(nn.Module):
 
     def token_logprobs(self, tokens: torch.Tensor, mask: torch.Tensor, pad_mask: torch.Tensor | None = None,
                        with_entropy: bool = False):
-        """out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where mask[b, t], else 0: (B, T) float32; the one
-        log-prob helper of SFT, DPO and PPO. mask (B, T) bool marks the tokens to score (mask[:, 0] False). Example:
-        tokens [bos, a, b, eos, pad], mask [F, F, T, T, F] scores b and eos. with_entropy=True also returns the
-        entropy (B, T) of the whole next-token distribution at the same places."""
+        """out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where mask[b, t], else 0: (B, T) float32; the
+        log-prob helper of SFT, DPO and PPO (PPO's rollout gathers from next_token_logprobs itself). mask (B, T)
+        bool marks the tokens to score (mask[:, 0] False). Example: tokens [bos, a, b, eos, pad], mask
+        [F, F, T, T, F] scores b and eos. with_entropy=True also returns the entropy (B, T) of the whole next-token
+        distribution at the same places."""
         b, t = mask.nonzero(as_tuple=True)  # (N,) each
         logp = self.next_token_logprobs(tokens, (b, t), pad_mask)  # (N, V)
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=logp.device)

@@ -1,5 +1,5 @@
 """ewc.py: each formula of docs/method.md §3 by hand, the penalty's gradient against its closed form, the stage bookkeeping
-(which accumulator protects which stage), original EWC's Fisher, Freeze, Random, element-wise importance, and the
+(which accumulator weighs which stage), original EWC's Fisher, Freeze, Random, element-wise importance, and the
 state round trip. A two-layer MLP stands in for the transformer."""
 import math
 
@@ -182,7 +182,7 @@ def test_accumulators_sum_over_stages_of_their_kind():
     assert ewc.importance["hpa"] == {"0.weight": 4.0, "0.bias": 0.0, "2.weight": 0.0, "2.bias": 0.0}
 
 
-def test_which_accumulator_protects_which_stage():
+def test_which_accumulator_weighs_which_stage():
     """§3.2: IFA_1 has no penalty; HPA_1 uses exactly IFA_1's change with F_max (HPA); IFA_2 uses Ω^HPA with
     F_max (IFA); HPA_2 uses IFA_1 + IFA_2. The penalty's anchor is the stage's start."""
     model, ewc = tiny_model(), EWC(f_max=2.0, f_max_ifa=100.0)
@@ -212,7 +212,7 @@ def test_none_never_penalises():
 
 
 def test_original_ewc_uses_summed_fisher_of_the_other_kind():
-    """Fishers of IFA_1 and IFA_2 sum to protect HPA_2; penalty (λ/2)·Σ F (θ − θ*)² with λ = 4."""
+    """Fishers of IFA_1 and IFA_2 sum to weigh HPA_2's penalty; penalty (λ/2)·Σ F (θ − θ*)² with λ = 4."""
     model, ewc = tiny_model(), EWC("original", lam=4.0)
     ones = {n: torch.ones_like(p) for n, p in trainable(model).items()}
     w, active = run_stage(ewc, "ifa", model, {}, fisher=ones)
@@ -247,7 +247,7 @@ def test_freeze_leaves_frozen_tensors_bit_identical_after_adamw():
 
 def test_random_is_seeded_softmax_of_uniform():
     """F = F_max·softmax(u), u ~ U(0, 1): weights sum to F_max, lie within e^±1 of F_max/#tensors, repeat for the
-    same seed, differ for another seed and from one protected stage to the next."""
+    same seed, differ for another seed and from one penalised stage to the next."""
     def draws(seed):
         model, ewc = tiny_model(), EWC("random", f_max=8.0, seed=seed)
         run_stage(ewc, "ifa", model, {"0.weight": 1.0})

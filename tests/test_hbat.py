@@ -36,7 +36,7 @@ def test_hbat_alternates_ifa_and_hpa_over_the_n_subsets():
 
 
 def test_hbat_without_ewc_keeps_the_order_and_drops_every_penalty():
-    """§2.4 "Hbat without EWC": the same alternation, no stage protected."""
+    """§2.4 "Hbat without EWC": the same alternation, no stage penalised."""
     stages, n = hbat.build("hbat", 3, 2, 1, use_ewc=False)
     assert n == 3
     assert [s.name for s in stages] == ["IFA_1", "HPA_1", "IFA_2", "HPA_2", "IFA_3", "HPA_3"]
