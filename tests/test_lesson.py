@@ -41,11 +41,14 @@ def test_each_lesson_table_is_its_commands_committed_run():
         committed = read_json(os.path.join(ROOT, "results", "lesson", os.path.basename(out_of(cmd)) + ".json"))
         assert committed["config"] == json.loads(json.dumps(flags.run_config(flags.get_args(cmd[2:])))), cmd
         assert committed["config"]["preset"] == "lesson"
-    # the answers it quotes (steps 2 and 8) are the committed run's first test answers
-    samples = {n: r["samples"][0] for n, r in read_json(os.path.join(ROOT, "results", "lesson", "dpo.json"))[
+    # the answers it quotes (steps 2 and 8) are the committed run's first two test answers
+    samples = {n: r["samples"][:2] for n, r in read_json(os.path.join(ROOT, "results", "lesson", "dpo.json"))[
         "schedules"].items()}
-    assert samples["two-stage"]["prompt"] == samples["hbat"]["prompt"] == "reverse the words : dog bird book answer :"
-    assert (samples["two-stage"]["response"], samples["hbat"]["response"]) == ("book bird bird dog bird", "book bird dog")
+    first, second = ([s[i] for s in (samples["two-stage"], samples["hbat"])] for i in (0, 1))
+    assert [s["prompt"] for s in first] == ["reverse the words : dog bird book answer :"] * 2
+    assert [s["response"] for s in first] == ["book bird dog", "sure , book bird dog hope this helps"]
+    assert [s["reference"] for s in second] == ["ben found big bike"] * 2
+    assert [s["response"] for s in second] == ["sure , ben found big bike hope this helps", "ben found big bag"]
 
 
 def test_the_lessons_commands_run(tmp_path, cache):
