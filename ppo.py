@@ -474,11 +474,14 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
         rm_scores = reward_model.score(tokens, F.pad(masks, (queries.shape[1], 0), value=False), pad_mask)
         scores = rm_scores if cfg.eos_penalty is None else torch.where(has_eos, rm_scores, cfg.eos_penalty)
         # 3. Log-probs of the sampled tokens under π_old and π_ref, one pass each: their whole next-token
-        #    distributions, from which the policy's entropy and the exact KL come too (step 6).
+        #    distributions, from which the policy's entropy and the exact KL (a diagnostic beside the estimate in the
+        #    reward, only reported) come too.
         dist, ref_dist = (response_distributions(m, tokens, pad_mask, masks) for m in (policy, ref_model))  # (N, V)
         sampled_ids = responses[masks][:, None]
         logprobs, ref_logprobs = (at_responses(d.gather(-1, sampled_ids).squeeze(-1), masks) for d in (dist, ref_dist))
         entropy = at_responses(-(dist.exp() * dist).sum(-1), masks)
+        kl_full = at_responses((dist.exp() * (dist - ref_dist)).sum(-1), masks)
+        del dist, ref_dist  # (N, V) each, a real vocabulary's gigabytes: not held through the critic's pass
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * masks
         if release:  # 4-5 (§4.3): R_j = r·γ^(j+1) - β·max(0, k1), whitened by the queue, is the advantage
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -498,8 +501,6 @@ def rollout(policy, ref_model, critic, reward_model, prompts, cfg, eos_id, pad_i
             # 5. Advantages by GAE; returns before whitening are the critic's targets; whiten advantages (§4.2).
             advantages, returns = compute_gae(rewards, values, masks, cfg.gamma, cfg.lam)
             advantages = whiten(advantages, masks)
-        # 6. Diagnostics: the exact KL beside its estimate, the quantity k1/k3 estimate (only reported).
-        kl_full = at_responses((dist.exp() * (dist - ref_dist)).sum(-1), masks)
     ro = Rollout(queries, responses, tokens, pad_mask, masks, logprobs, ref_logprobs, values, rewards, advantages,
                  returns, scores)
     metrics = {

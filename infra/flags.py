@@ -23,7 +23,7 @@ PRESETS = {
     # under two minutes on 2 CPU cores from an empty cache (700 pretraining steps: 1000 took up to 165 s). The
     # verdicts are the study's (docs/results.md)
     "lesson": dict(n_ifa=800, n_hpa=800, n_test=100, n_val=100, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                   pretrain_steps=700,  pretrain_batch=32, batch_size=32, epochs_ifa=2, epochs_hpa=2,
+                   pretrain_steps=700, pretrain_batch=32, batch_size=32, epochs_ifa=2, epochs_hpa=2,
                    lr_ifa=2e-4, lr_hpa=1e-4, rm_epochs=2, ppo_epochs=2, rollout_batch=64, minibatch=32,
                    max_new_tokens=24, ifa_styled=0.0),
     # the whole pipeline in seconds, for tests and a first look
